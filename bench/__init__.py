@@ -1,0 +1,1 @@
+"""Workloads, load generation, simulation and measurements for mars-serve."""

@@ -1,0 +1,121 @@
+"""The ``mars-serve`` command line.
+
+Subcommands are grouped by noun (``mars-serve model build ...``). To add one,
+write a ``_cmd_<group>_<verb>(args) -> int`` handler and register it in that
+group's ``_add_<group>_commands`` (or add a new group to `_GROUPS`); handlers
+raise `UserError` (or a known library error) for bad input, which `main`
+prints as one clear line with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+"""Bad input: wrong arguments, invalid recipe or config, unusable paths."""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------
+# model
+
+
+def _add_model_commands(groups: argparse._SubParsersAction) -> None:
+    model = groups.add_parser("model", help="build the local tiny model")
+    verbs = model.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    build = verbs.add_parser(
+        "build",
+        help="build the tiny model (random weights, local tokenizer) in HF format",
+        description=(
+            "Build a Hugging Face-format model directory from a recipe: seeded random "
+            "Llama weights and a byte-level BPE tokenizer trained on generated text. "
+            "Nothing is downloaded. Skips the work if DIR already holds the same build."
+        ),
+    )
+    build.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help="model recipe (default: configs/model/tiny.yaml of this checkout, "
+        "else the built-in tiny recipe)",
+    )
+    build.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    build.add_argument(
+        "--force", action="store_true", help="rebuild even if DIR holds the same build"
+    )
+    build.set_defaults(handler=_cmd_model_build)
+
+
+def _cmd_model_build(args: argparse.Namespace) -> int:
+    from workers import model_builder
+
+    if args.recipe is not None:
+        recipe = model_builder.load_recipe(args.recipe)
+        print(f"[model] recipe: {args.recipe}")
+    else:
+        recipe = model_builder.default_recipe()
+        source = (
+            model_builder.DEFAULT_RECIPE_PATH
+            if model_builder.DEFAULT_RECIPE_PATH.is_file()
+            else "built-in defaults"
+        )
+        print(f"[model] recipe: {source}")
+    out = model_builder.build_model(recipe, args.out, force=args.force)
+    print(out)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# parser and entry point
+
+_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_model_commands,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mars-serve",
+        description="Memory-aware serving of augmented LLM requests on vLLM and Ray.",
+    )
+    groups = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_group in _GROUPS:
+        add_group(groups)
+    return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from workers.model_builder import BuildError, RecipeError
+
+    return (UserError, RecipeError, BuildError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mars-serve``; returns the exit code (2 for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with a usage message on bad arguments
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except _user_error_types() as exc:
+        print(f"mars-serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. permission denied, disk full: no traceback either
+        print(f"mars-serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mars-serve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

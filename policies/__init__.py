@@ -1,0 +1,39 @@
+"""Pure scheduling policies for mars-serve: no vLLM, Ray or torch imports.
+
+The public surface: the snapshot types, the cost model, the MARS score and
+INFERCEPT waste terms, the starvation guard, the engine-policy registry and
+the online predictors. Everything else is internal.
+"""
+
+from policies.cost_model import CostModel
+from policies.engine_policy import (
+    EnginePolicy,
+    engine_policy_names,
+    make_engine_policy,
+    register_engine_policy,
+)
+from policies.memory import memory_over_time
+from policies.predictors import ApiDurationPredictor, DecodeLengthPredictor, StreamingStat
+from policies.starvation import StarvationConfig, starving
+from policies.types import BatchView, RequestView, Strategy
+from policies.waste import StrategyChoice, choose_strategy, demotions
+
+__all__ = [
+    "ApiDurationPredictor",
+    "BatchView",
+    "CostModel",
+    "DecodeLengthPredictor",
+    "EnginePolicy",
+    "RequestView",
+    "StarvationConfig",
+    "Strategy",
+    "StrategyChoice",
+    "StreamingStat",
+    "choose_strategy",
+    "demotions",
+    "engine_policy_names",
+    "make_engine_policy",
+    "memory_over_time",
+    "register_engine_policy",
+    "starving",
+]
