@@ -205,8 +205,9 @@ class VllmPolicy(EnginePolicy):
     def demotions(
         self, paused: Sequence[tuple[RequestView, StrategyChoice]]
     ) -> list[tuple[str, Strategy]]:
-        """Nothing to demote: vLLM never keeps a paused request's KV."""
-        return []
+        """Every paused request, to DISCARD: vLLM never keeps a paused request's
+        KV, so it is dropped at the first iteration after the pause."""
+        return [(view.request_id, _DISCARD) for view, _ in paused]
 
 
 @register_engine_policy

@@ -387,6 +387,17 @@ class MarsEngine:
         session.state = SessionState.FINISHED
         session.finished_s = time.monotonic()
 
+    def shutdown(self) -> None:
+        """Stop the engine core and release vLLM's process-wide state (the KV
+        transfer group, the model-parallel groups) so another engine can start
+        in this process."""
+        from vllm.distributed import cleanup_dist_env_and_memory
+        from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown
+
+        self._llm.engine_core.shutdown()
+        ensure_kv_transfer_shutdown()
+        cleanup_dist_env_and_memory()
+
     # ------------------------------------------------------------ profiling
     def profile_costs(self) -> CostModel:
         """Measure iteration time against batched tokens on this engine, and

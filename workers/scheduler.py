@@ -169,6 +169,10 @@ class MarsScheduler(Scheduler):
         )
 
     def _apply_hints(self, record: RequestRecord, hints: SegmentHints) -> None:
+        if self.settings.predictor == "oracle" and hints.decode_tokens is None:
+            # No plan behind this chunk (start-up profiling, a session's closing
+            # chunk): nothing for the oracle to return, so a final one-token segment.
+            hints = SegmentHints(tool=hints.tool, decode_tokens=1, final=True)
         record.tool = hints.tool
         if hints.final:
             record.predicted_api_s = None
@@ -334,13 +338,11 @@ class MarsScheduler(Scheduler):
             if record.restore_pending:
                 self._account_restore(request, record, tokens)
             record.waited_iterations = 0
+        # Every ready waiting request counts; the policy decides whether only
+        # those that already ran may starve (MARS.md's reference behaviour).
         for request in self.waiting:
-            record = self.records[request.request_id]
-            if record.has_run and request.status in (
-                RequestStatus.WAITING,
-                RequestStatus.PREEMPTED,
-            ):
-                record.waited_iterations += 1
+            if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                self.records[request.request_id].waited_iterations += 1
 
     def _account_restore(self, request: Request, record: RequestRecord, tokens: int) -> None:
         computed_after = request.num_computed_tokens

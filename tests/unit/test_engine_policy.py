@@ -121,14 +121,16 @@ def test_vllm_is_fcfs_by_queue_entry_and_resumed_goes_to_tail() -> None:
     assert make_engine_policy("vllm").order(waiting, COST) == ["first", "second", "resumed"]
 
 
-def test_vllm_always_discards_and_never_demotes() -> None:
+def test_vllm_always_discards_every_paused_request() -> None:
     policy = make_engine_policy("vllm")
     short_call = rv("r", predicted_api_s=0.01, has_run=True)  # preserve would win elsewhere
     choice = policy.choose_strategy(short_call, BATCH, COST)
     assert choice.strategy is Strategy.DISCARD
     assert choice.waste_preserve == choice.waste_swap == math.inf
-    paused = [(short_call, StrategyChoice(Strategy.DISCARD, math.inf, 1.0, math.inf))] * 2
-    assert policy.demotions(paused) == []
+    other = rv("s", predicted_api_s=0.01, has_run=True)
+    discard = StrategyChoice(Strategy.DISCARD, math.inf, 1.0, math.inf)
+    paused = [(short_call, discard), (other, discard)]
+    assert policy.demotions(paused) == [("r", Strategy.DISCARD), ("s", Strategy.DISCARD)]
 
 
 # --- infercept ------------------------------------------------------------------------

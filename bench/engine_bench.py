@@ -1,0 +1,501 @@
+"""Engine-level benchmark: replay INFERCEPT traces through `MarsEngine` under
+each engine policy and compare end-to-end latency and time to first token.
+
+For each trace x load (requests/s) x policy, one run: a fresh engine (the
+policy is fixed at start-up) with a capped KV cache, the same sampled
+requests arriving at the same Poisson offsets, tools emulated server-side
+(`ToolCall(tool="emulated")`: sleep for the scaled API time, return the
+scaled number of result tokens). Each run lives in its own spawned process,
+so one engine's process-wide vLLM state never leaks into the next and a
+crash costs one row, not the sweep.
+
+    python -m bench.engine_bench --quick
+    python -m bench.engine_bench --traces multi_api --loads 0.5 1 2 \\
+        --max-requests 48 --token-scale 0.25 --api-scale 0.1 --kv-blocks 64
+
+Writes `docs/results/engine_<trace>.json` and `.png` (`quick_<trace>.*` for
+`--quick`). Sessions still running at `--max-seconds` are counted as
+unfinished in the row and the table, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.workload import (
+    TraceRequest,
+    arrivals,
+    build_workload,
+    load_trace,
+    prompt_token_ids,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "bench" / "data" / "infercept"
+DEFAULT_POLICIES = ("vllm", "infercept", "sjf", "mars")
+BLOCK_SIZE = 32
+MODEL_MAX_POSITIONS = 4096
+"""The tiny model's max_position_embeddings: the longest context vLLM allows."""
+
+REQUIRED_KEYS = (
+    "trace",
+    "load_rps",
+    "policy",
+    "e2e_mean_s",
+    "e2e_p99_s",
+    "ttft_mean_s",
+    "ttft_p99_s",
+    "completed",
+)
+
+
+@dataclass
+class RunSpec:
+    """Everything one run needs; picklable, sent to the run's own process."""
+
+    trace: str
+    load_rps: float
+    policy: str
+    requests: list[TraceRequest]
+    offsets: list[float]
+    model: str
+    kv_blocks: int
+    max_model_len: int
+    host_swap_tokens: int
+    predictor: str
+    max_seconds: float
+    token_scale: float
+    api_scale: float
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ one run
+def _percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _engine_request(request: TraceRequest, index: int):
+    from workers.engine import AugmentedRequest, Segment
+    from workers.tools import ToolCall
+
+    segments = []
+    for seg in request.segments:
+        call = None
+        if seg.api_time_s is not None:
+            call = ToolCall(
+                tool="emulated", duration_s=seg.api_time_s, return_tokens=seg.api_return_tokens
+            )
+        segments.append(Segment(generate_tokens=seg.completion_tokens, call=call))
+    return AugmentedRequest(
+        request_id=f"{index:04d}-{request.request_id}",
+        prompt_token_ids=prompt_token_ids(request.prompt_tokens, salt=index),
+        segments=segments,
+    )
+
+
+def replay(spec: RunSpec) -> dict:
+    """Start an engine for `spec.policy`, replay the workload, return one row."""
+    from policies import Strategy
+    from workers.engine import EngineConfig, MarsEngine, SessionState
+    from workers.settings import SchedulerSettings
+
+    started = time.monotonic()
+    config = EngineConfig(
+        model=spec.model,
+        block_size=BLOCK_SIZE,
+        num_kv_blocks=spec.kv_blocks,
+        max_model_len=spec.max_model_len,
+        host_swap_tokens=spec.host_swap_tokens,
+        scheduler=SchedulerSettings(policy=spec.policy, predictor=spec.predictor),
+    )
+    engine = MarsEngine(config)
+    startup_s = time.monotonic() - started
+    plans = [_engine_request(r, i) for i, r in enumerate(spec.requests)]
+    scheduler = engine.scheduler
+    preemptions: dict[str, int] = {}
+    submitted: list = []
+    lags: list[float] = []
+    bar = None
+    if spec.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(plans),
+            desc=f"{spec.trace} {spec.load_rps:g} rps {spec.policy}",
+            unit="req",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+    t0 = time.monotonic()
+    next_index = 0
+    done = 0
+    steps = 0
+    while True:
+        now = time.monotonic() - t0
+        while next_index < len(plans) and spec.offsets[next_index] <= now:
+            lags.append(now - spec.offsets[next_index])
+            submitted.append(engine.submit(plans[next_index]))
+            next_index += 1
+        if next_index == len(plans) and all(s.state is SessionState.FINISHED for s in submitted):
+            break
+        if now > spec.max_seconds:
+            break
+        if engine.has_work():
+            ended = engine.step()
+            steps += 1
+            for request in scheduler.requests.values():
+                if request.num_preemptions:
+                    preemptions[request.request_id] = max(
+                        preemptions.get(request.request_id, 0), request.num_preemptions
+                    )
+            finished_now = sum(1 for s in ended if s.state is SessionState.FINISHED)
+            done += finished_now
+            if bar is not None and (finished_now or steps % 50 == 0):
+                bar.set_postfix(submitted=next_index, active=next_index - done, refresh=False)
+                bar.update(finished_now)
+        elif next_index < len(plans):
+            time.sleep(max(0.0, min(0.05, spec.offsets[next_index] - now)))
+    replay_s = time.monotonic() - t0
+    if bar is not None:
+        bar.close()
+
+    completed = [s for s in submitted if s.state is SessionState.FINISHED]
+    e2e = [s.e2e_s for s in completed]
+    ttft = [s.ttft_s for s in completed if s.ttft_s is not None]
+    ours = {s.engine_request_id for s in submitted}
+    recompute_tokens = discards = swaps = swapped_tokens = 0
+    for request_id in ours:
+        record = scheduler.records.get(request_id)
+        if record is None:
+            continue
+        recompute_tokens += record.recomputed_tokens
+        swapped_tokens += record.swapped_out_tokens
+        for event in record.timeline:
+            if event.event != "demoted":
+                continue
+            if event.strategy is Strategy.DISCARD:
+                discards += 1
+            elif event.strategy is Strategy.SWAP:
+                swaps += 1
+    cost = scheduler.cost
+    return {
+        "trace": spec.trace,
+        "load_rps": spec.load_rps,
+        "policy": spec.policy,
+        "e2e_mean_s": _mean(e2e),
+        "e2e_p99_s": _percentile(e2e, 99),
+        "ttft_mean_s": _mean(ttft),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "completed": len(completed),
+        "requests": len(plans),
+        "unfinished": len(plans) - len(completed),
+        "not_submitted": len(plans) - next_index,
+        "preemptions": sum(v for k, v in preemptions.items() if k in ours),
+        "recompute_tokens": recompute_tokens,
+        "discards": discards,
+        "swaps": swaps,
+        "swapped_out_tokens": swapped_tokens,
+        "max_submit_lag_s": max(lags) if lags else 0.0,
+        "engine_steps": steps,
+        "replay_s": replay_s,
+        "startup_s": startup_s,
+        "token_scale": spec.token_scale,
+        "api_scale": spec.api_scale,
+        "kv_blocks": spec.kv_blocks,
+        "kv_tokens": spec.kv_blocks * BLOCK_SIZE,
+        "max_model_len": spec.max_model_len,
+        "host_swap_tokens": spec.host_swap_tokens,
+        "predictor": spec.predictor,
+        "max_seconds": spec.max_seconds,
+        "cost_model": {
+            "iter_fixed_s": cost.iter_fixed_s,
+            "iter_per_token_s": cost.iter_per_token_s,
+            "swap_s_per_token": cost.swap_s_per_token,
+        },
+        "machine": machine_description(),
+        **spec.extra,
+    }
+
+
+def _child(spec: RunSpec, conn) -> None:
+    try:
+        conn.send(("ok", replay(spec)))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def run_isolated(spec: RunSpec) -> dict:
+    """`replay(spec)` in a fresh spawned process; a failure becomes an error row."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(spec, child), daemon=False)
+    process.start()
+    child.close()
+    status, payload = "error", "the run's process exited without a result"
+    with contextlib.suppress(EOFError):
+        status, payload = parent.recv()
+    process.join()
+    if status == "ok":
+        return payload
+    print(f"run failed: {spec.trace} {spec.load_rps} {spec.policy}\n{payload}", file=sys.stderr)
+    return {
+        "trace": spec.trace,
+        "load_rps": spec.load_rps,
+        "policy": spec.policy,
+        "e2e_mean_s": None,
+        "e2e_p99_s": None,
+        "ttft_mean_s": None,
+        "ttft_p99_s": None,
+        "completed": 0,
+        "requests": len(spec.requests),
+        "unfinished": len(spec.requests),
+        "error": payload.splitlines()[0] if payload else "unknown",
+        "token_scale": spec.token_scale,
+        "api_scale": spec.api_scale,
+        "kv_blocks": spec.kv_blocks,
+        "machine": machine_description(),
+    }
+
+
+# ------------------------------------------------------------------ helpers
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, vLLM CPU, tiny model"
+
+
+def tokenizer_counter(model: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'load':>5} {'policy':<10} {'done':>7} {'e2e mean':>9} {'e2e p99':>8} "
+        f"{'ttft mean':>9} {'ttft p99':>8} {'preempt':>7} {'recomp tok':>10} "
+        f"{'discards':>8} {'swaps':>5}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in sorted(rows, key=lambda r: (r["load_rps"], r["policy"])):
+        done = f"{r['completed']}/{r.get('requests', '?')}"
+        lines.append(
+            f"{r['load_rps']:>5g} {r['policy']:<10} {done:>7} {_fmt(r['e2e_mean_s']):>9} "
+            f"{_fmt(r['e2e_p99_s']):>8} {_fmt(r['ttft_mean_s']):>9} {_fmt(r['ttft_p99_s']):>8} "
+            f"{r.get('preemptions', '-')!s:>7} {r.get('recompute_tokens', '-')!s:>10} "
+            f"{r.get('discards', '-')!s:>8} {r.get('swaps', '-')!s:>5}"
+            + (f"  ERROR {r['error']}" if r.get("error") else "")
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in sorted({r["policy"] for r in rows}):
+        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["load_rps"])
+        for ax, key in zip(axes, ("e2e_mean_s", "ttft_p99_s"), strict=True):
+            points = [(r["load_rps"], r[key]) for r in mine if r[key] is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", label=policy)
+    axes[0].set_title("mean end-to-end latency")
+    axes[1].set_title("P99 time to first token")
+    for ax in axes:
+        ax.set_xlabel("load (requests/s)")
+        ax.set_ylabel("seconds")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------- main
+QUICK = {
+    "traces": ["multi_api"],
+    "loads": [1.0],
+    "max_requests": 16,
+    "token_scale": 0.25,
+    "api_scale": 0.1,
+    "kv_blocks": 40,
+    "max_seconds": 90.0,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.engine_bench", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="one small run per policy (minutes)")
+    p.add_argument("--traces", nargs="+", default=["multi_api"], help="trace names or .json paths")
+    p.add_argument("--loads", nargs="+", type=float, default=[0.5, 1.0, 2.0], help="requests/s")
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
+    p.add_argument("--predictor", choices=("oracle", "online"), default="oracle")
+    p.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny"))
+    p.add_argument("--kv-blocks", type=int, default=64, help="KV cache blocks (32 tokens each)")
+    p.add_argument("--host-swap-tokens", type=int, default=8192, help="host swap space, tokens")
+    p.add_argument("--token-scale", type=float, default=0.25)
+    p.add_argument("--api-scale", type=float, default=0.1)
+    p.add_argument("--max-requests", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=300.0, help="replay cap per run")
+    p.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "results"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    for name in ("kv_blocks", "max_requests"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.host_swap_tokens < 0:
+        p.error("--host-swap-tokens must be >= 0")
+    if args.max_seconds <= 0:
+        p.error("--max-seconds must be > 0")
+    if any(load <= 0 for load in args.loads):
+        p.error("--loads must all be > 0")
+    from policies import engine_policy_names
+
+    unknown = sorted(set(args.policies) - set(engine_policy_names()))
+    if unknown:
+        p.error(f"unknown policies {unknown}; known: {list(engine_policy_names())}")
+    return args
+
+
+def _trace_path(name: str) -> tuple[str, Path]:
+    path = Path(name)
+    if path.suffix == ".json" and path.exists():
+        return path.stem, path
+    return name, DATA_DIR / f"{name}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Inherited by each run's process: keep vLLM's per-step logging quiet.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        print(
+            f"model not found at {model}; build it with `mars-serve model build --out models/tiny`",
+            file=sys.stderr,
+        )
+        return 2
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count_tokens = tokenizer_counter(str(model))
+    # The longest context a request may reach: what the KV cache can hold and
+    # the model allows, minus headroom for the session's closing chunk.
+    limit = min(args.kv_blocks * BLOCK_SIZE, MODEL_MAX_POSITIONS) - BLOCK_SIZE
+    prefix = "quick" if args.quick else "engine"
+    for trace in args.traces:
+        name, path = _trace_path(trace)
+        requests, dropped = build_workload(
+            load_trace(path, count_tokens),
+            token_scale=args.token_scale,
+            api_scale=args.api_scale,
+            max_requests=args.max_requests,
+            max_total_tokens=limit,
+            seed=args.seed,
+        )
+        longest = max(r.total_tokens for r in requests)
+        max_model_len = min(
+            MODEL_MAX_POSITIONS, math.ceil((longest + BLOCK_SIZE) / BLOCK_SIZE) * BLOCK_SIZE
+        )
+        calls = sum(r.num_calls for r in requests)
+        print(
+            f"\n== {name}: {len(requests)} requests ({dropped} longer than {limit} tokens "
+            f"left out before sampling), {calls} API calls, mean context "
+            f"{sum(r.total_tokens for r in requests) / len(requests):.0f} tokens, "
+            f"KV {args.kv_blocks} blocks = {args.kv_blocks * BLOCK_SIZE} tokens, "
+            f"max_model_len {max_model_len}",
+            flush=True,
+        )
+        rows = []
+        for load in args.loads:
+            offsets = arrivals(len(requests), load, args.seed)
+            for policy in args.policies:
+                spec = RunSpec(
+                    trace=name,
+                    load_rps=load,
+                    policy=policy,
+                    requests=requests,
+                    offsets=offsets,
+                    model=str(model),
+                    kv_blocks=args.kv_blocks,
+                    max_model_len=max_model_len,
+                    host_swap_tokens=args.host_swap_tokens,
+                    predictor=args.predictor,
+                    max_seconds=args.max_seconds,
+                    token_scale=args.token_scale,
+                    api_scale=args.api_scale,
+                    progress=not args.no_progress,
+                    extra={"dropped_too_long": dropped, "seed": args.seed},
+                )
+                t = time.monotonic()
+                row = run_isolated(spec)
+                row["run_wall_s"] = time.monotonic() - t
+                rows.append(row)
+                print(
+                    f"   {policy:<10} load {load:g}: {row['completed']}/{len(requests)} done, "
+                    f"{row['run_wall_s']:.0f} s wall",
+                    flush=True,
+                )
+                _write(out_dir, prefix, name, rows)
+        print(f"\n{name} (completed / requests; seconds):\n{format_table(rows)}", flush=True)
+        json_path, png_path = _write(out_dir, prefix, name, rows)
+        plot(rows, png_path, f"{name}: {len(requests)} requests, KV {args.kv_blocks} blocks")
+        print(f"wrote {json_path} and {png_path}", flush=True)
+    return 0
+
+
+def _write(out_dir: Path, prefix: str, name: str, rows: list[dict]) -> tuple[Path, Path]:
+    json_path = out_dir / f"{prefix}_{name}.json"
+    json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return json_path, out_dir / f"{prefix}_{name}.png"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Preserve, discard and swap on a real vLLM engine, proved by observing the
+engine: its block pool, its block tables, its KV tensors and what it computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.helpers import DISCARD_IS_CHEAP, SWAP_IS_CHEAP, kv_of, mars_engine, prompt
+from workers.engine import AugmentedRequest, SessionState, Segment
+from workers.hints import SegmentHints
+
+pytestmark = pytest.mark.engine
+
+PROMPT_TOKENS = 90
+FIRST_CHUNK = 8
+FRONTIER = PROMPT_TOKENS + FIRST_CHUNK - 1  # the chunk's last sampled token is not kept
+LONG_CALL = SegmentHints(tool="search", api_s=100.0)
+INSTANT_CALL = SegmentHints(tool="search", api_s=0.0)
+
+
+def _background_runner(engine) -> None:
+    """A long generation that keeps the engine stepping while sessions pause."""
+    engine.submit(AugmentedRequest("runner", prompt(40, seed=9), [Segment(400)]))
+
+
+def _pause_two(engine, hints: SegmentHints):
+    sessions = [
+        engine.open_session(name, prompt(PROMPT_TOKENS), FIRST_CHUNK, hints) for name in "ab"
+    ]
+    while any(s.state is not SessionState.AWAITING_CLIENT for s in sessions):
+        engine.step()
+    return sessions
+
+
+def _blocks(engine, session) -> list[int]:
+    (block_ids,) = engine.scheduler.kv_cache_manager.get_block_ids(session.engine_request_id)
+    return block_ids
+
+
+def _demoted(engine, sessions, strategy: str):
+    return [s for s in sessions if engine.record(s.session_id).strategy.value == strategy]
+
+
+def _resume_both(engine, sessions) -> None:
+    for s in sessions:
+        engine.continue_session(s.session_id, [5, 6, 7], 8, INSTANT_CALL)
+    while any(s.state is not SessionState.AWAITING_CLIENT for s in sessions):
+        engine.step()
+
+
+def test_swap_copies_blocks_to_host_frees_them_and_reloads_byte_identical(tiny_model_dir):
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    with mars_engine(tiny_model_dir, cost=SWAP_IS_CHEAP) as engine:
+        _background_runner(engine)
+        sessions = _pause_two(engine, LONG_CALL)
+        held = {s.session_id: list(_blocks(engine, s)) for s in sessions}
+        assert all(len(b) == 4 for b in held.values())  # 97 tokens in 32-token blocks
+        free_before = engine.scheduler.free_blocks()
+        for _ in range(3):  # demote, copy out, free
+            engine.step()
+        (swapped,) = _demoted(engine, sessions, "swap")
+        (kept,) = _demoted(engine, sessions, "preserve")
+        assert _blocks(engine, swapped) == []
+        assert _blocks(engine, kept) == held[kept.session_id]
+        assert engine.scheduler.free_blocks() >= free_before + 4 - 1  # runner may take one
+        connector = get_kv_transfer_group()
+        (record,) = connector.swap_log[swapped.engine_request_id]
+        assert record.num_blocks == 4
+        assert record.bytes_copied == 4 * 32 * engine.scheduler.kv_bytes_per_token
+
+        _resume_both(engine, sessions)
+        (record,) = connector.swap_log[swapped.engine_request_id]
+        assert record.in_digest == record.out_digest
+        assert engine.record(swapped.session_id).swapped_in_tokens == FRONTIER
+        assert engine.record(swapped.session_id).recomputed_tokens == 0
+        assert swapped.outputs == kept.outputs  # temperature 0: token-identical
+
+
+def test_discard_frees_blocks_and_recomputes_the_context(tiny_model_dir):
+    with mars_engine(tiny_model_dir, cost=DISCARD_IS_CHEAP) as engine:
+        _background_runner(engine)
+        sessions = _pause_two(engine, LONG_CALL)
+        free_before = engine.scheduler.free_blocks()
+        engine.step()
+        (discarded,) = _demoted(engine, sessions, "discard")
+        (kept,) = _demoted(engine, sessions, "preserve")
+        assert _blocks(engine, discarded) == []
+        assert engine.scheduler.free_blocks() >= free_before + 4 - 1
+
+        _resume_both(engine, sessions)
+        record = engine.record(discarded.session_id)
+        assert record.frontier_tokens == FRONTIER
+        assert record.recomputed_tokens == FRONTIER
+        assert engine.record(kept.session_id).recomputed_tokens == 0
+        assert discarded.outputs == kept.outputs
+        # The preserved session's KV slot of its last kept token changes when its
+        # streaming input resumes (seen on vLLM 0.32 CPU; open question in
+        # docs/PROGRESS.md), so compare the context before that token.
+        recomputed = kv_of(engine, discarded.engine_request_id, FRONTIER - 1)
+        preserved = kv_of(engine, kept.engine_request_id, FRONTIER - 1)
+        torch.testing.assert_close(recomputed, preserved, atol=3e-2, rtol=3e-2)
+
+
+def test_preserve_keeps_blocks_through_a_short_call(tiny_model_dir):
+    with mars_engine(tiny_model_dir, cost=SWAP_IS_CHEAP) as engine:
+        _background_runner(engine)
+        sessions = _pause_two(engine, INSTANT_CALL)
+        held = {s.session_id: list(_blocks(engine, s)) for s in sessions}
+        for _ in range(5):
+            engine.step()
+        for s in sessions:
+            assert _blocks(engine, s) == held[s.session_id]
+            assert engine.record(s.session_id).strategy.value == "preserve"
+        events = [e.event for e in engine.record("a").timeline]
+        assert events[:3] == ["queued", "scheduled", "paused"]
+        assert "demoted" not in events
