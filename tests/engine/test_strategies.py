@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.engine.helpers import DISCARD_IS_CHEAP, SWAP_IS_CHEAP, kv_of, mars_engine, prompt
-from workers.engine import AugmentedRequest, SessionState, Segment
+from workers.engine import AugmentedRequest, Segment, SessionState
 from workers.hints import SegmentHints
 
 pytestmark = pytest.mark.engine
