@@ -34,20 +34,29 @@ def mars_engine(model: Path, policy: str = "infercept", **overrides):
         engine.shutdown()
 
 
-def kv_of(engine: MarsEngine, request_id: str, num_tokens: int) -> torch.Tensor:
-    """The engine's own KV for the first `num_tokens` tokens of a request,
-    read from the KV cache tensors (all layers, stacked)."""
+def kv_blocks(engine: MarsEngine, request_id: str) -> torch.Tensor:
+    """The engine's own KV blocks of a request, read from the KV cache tensors:
+    [layers, blocks, heads, slots, content], in the request's block order."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     caches = get_kv_transfer_group()._kv_caches
     (block_ids,) = engine.scheduler.kv_cache_manager.get_block_ids(request_id)
     index = torch.tensor(block_ids, dtype=torch.long)
-    per_layer = []
-    for name in sorted(caches):
-        blocks = caches[name].index_select(0, index)  # [blocks, heads, slots, k|v]
-        tokens = blocks.permute(0, 2, 1, 3).reshape(-1, blocks.shape[1], blocks.shape[3])
-        per_layer.append(tokens[:num_tokens].float())
-    return torch.stack(per_layer)
+    return torch.stack([caches[name].index_select(0, index).float() for name in sorted(caches)])
+
+
+def values_of(engine: MarsEngine, request_id: str, num_tokens: int) -> torch.Tensor:
+    """Per-token V vectors of the first `num_tokens` tokens: [layers, tokens, heads, dim].
+
+    vLLM's CPU attention stores each block as a K region then a V region of
+    slots x head_dim per head; V is token-major, K is packed across slots by
+    the kernel, so K is compared block by block (`kv_blocks`) instead.
+    """
+    blocks = kv_blocks(engine, request_id)
+    layers, num_blocks, heads, slots, content = blocks.shape
+    regions = blocks.reshape(layers, num_blocks, heads, 2, slots, content // 2)
+    values = regions[:, :, :, 1].permute(0, 1, 3, 2, 4)  # [L, blocks, slots, heads, dim]
+    return values.reshape(layers, num_blocks * slots, heads, content // 2)[:, :num_tokens]
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
