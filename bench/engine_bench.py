@@ -11,7 +11,7 @@ crash costs one row, not the sweep.
 
     python -m bench.engine_bench --quick
     python -m bench.engine_bench --traces multi_api --loads 0.5 1 2 \\
-        --max-requests 48 --token-scale 0.25 --api-scale 0.1 --kv-blocks 64
+        --max-requests 24 --token-scale 0.25 --api-scale 0.1 --kv-blocks 40
 
 Writes `docs/results/engine_<trace>.json` and `.png` (`quick_<trace>.*` for
 `--quick`). Sessions still running at `--max-seconds` are counted as
@@ -123,6 +123,7 @@ def replay(spec: RunSpec) -> dict:
     from workers.settings import SchedulerSettings
 
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     config = EngineConfig(
         model=spec.model,
         block_size=BLOCK_SIZE,
@@ -236,6 +237,10 @@ def replay(spec: RunSpec) -> dict:
             "swap_s_per_token": cost.swap_s_per_token,
         },
         "machine": machine_description(),
+        # 1-min load average before and after: above ~1.2 on 2 CPUs means
+        # something else shared the CPUs and the latencies are not comparable.
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0],
         **spec.extra,
     }
 
@@ -370,18 +375,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.engine_bench", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--quick", action="store_true", help="one small run per policy (minutes)")
-    p.add_argument("--traces", nargs="+", default=["multi_api"], help="trace names or .json paths")
+    p.add_argument(
+        "--traces", nargs="+", default=["multi_api", "single_api"], help="names or .json paths"
+    )
     p.add_argument("--loads", nargs="+", type=float, default=[0.5, 1.0, 2.0], help="requests/s")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
     p.add_argument("--predictor", choices=("oracle", "online"), default="oracle")
     p.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny"))
-    p.add_argument("--kv-blocks", type=int, default=64, help="KV cache blocks (32 tokens each)")
+    p.add_argument("--kv-blocks", type=int, default=40, help="KV cache blocks (32 tokens each)")
     p.add_argument("--host-swap-tokens", type=int, default=8192, help="host swap space, tokens")
     p.add_argument("--token-scale", type=float, default=0.25)
     p.add_argument("--api-scale", type=float, default=0.1)
-    p.add_argument("--max-requests", type=int, default=48)
+    p.add_argument("--max-requests", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=300.0, help="replay cap per run")
+    p.add_argument("--max-seconds", type=float, default=180.0, help="replay cap per run")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "results"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
