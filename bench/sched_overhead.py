@@ -1,10 +1,18 @@
 """Measure the per-iteration cost of each engine policy's decisions.
 
-MARS.md asks the scheduler to stay cheap. This times, for each registered
-engine policy, one scheduler iteration's worth of policy work over `--n`
-waiting requests: `order(...)` once, plus `choose_strategy(...)` for every
-request (the upper bound: the engine prices only paused ones). Prints mean
-and p99 microseconds per iteration and whether each stays under 1 ms.
+MARS.md asks the scheduler to stay cheap: ranking and strategy choice for
+1,000 waiting requests in under 1 ms per iteration. This times, for each
+registered engine policy, one scheduler iteration's worth of policy work over
+`--n` waiting requests, starting from the `RequestView`s the engine builds:
+
+- ``columns`` (default): `RequestColumns.from_views` once, `order(columns)`,
+  and `choose_strategies(columns)` for every request (the upper bound: the
+  engine prices only paused ones);
+- ``per-request``: `order(views)` plus `choose_strategy(view)` called once per
+  request, the scalar path (for comparison).
+
+Prints mean and p99 microseconds per iteration of each part and of the
+whole, and whether the whole iteration's p99 stays under 1 ms.
 
 The cost-model numbers are illustrative; the timings do not depend on them.
 
@@ -14,6 +22,7 @@ The cost-model numbers are illustrative; the timings do not depend on them.
 from __future__ import annotations
 
 import argparse
+import enum
 import random
 import statistics
 import time
@@ -23,6 +32,8 @@ from dataclasses import dataclass
 from policies import (
     BatchView,
     CostModel,
+    EnginePolicy,
+    RequestColumns,
     RequestView,
     Strategy,
     engine_policy_names,
@@ -30,6 +41,13 @@ from policies import (
 )
 
 _BUDGET_US = 1000.0
+
+
+class Mode(str, enum.Enum):
+    """How one iteration's policy work is done (see the module docstring)."""
+
+    COLUMNS = "columns"
+    PER_REQUEST = "per-request"
 
 
 def random_views(n: int, seed: int) -> list[RequestView]:
@@ -63,41 +81,66 @@ def _mean_p99(samples_us: list[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-iteration timings of one policy, in microseconds."""
+    """Per-iteration timings of one policy, in microseconds (mean, p99)."""
 
     policy: str
-    order_mean_us: float
-    order_p99_us: float
-    strategy_mean_us: float
-    """`choose_strategy` for every waiting request, summed per iteration."""
-    strategy_p99_us: float
-    total_mean_us: float
-    total_p99_us: float
+    columns: tuple[float, float]
+    """`RequestColumns.from_views` (0 in per-request mode: nothing to build)."""
+    order: tuple[float, float]
+    strategy: tuple[float, float]
+    """Strategy choice for every waiting request."""
+    total: tuple[float, float]
 
     @property
     def under_budget(self) -> bool:
         """Whether the p99 of a whole iteration's policy work is under 1 ms."""
-        return self.total_p99_us < _BUDGET_US
+        return self.total[1] < _BUDGET_US
+
+
+def _iteration(
+    policy: EnginePolicy,
+    views: Sequence[RequestView],
+    batch: BatchView,
+    cost: CostModel,
+    mode: Mode,
+) -> tuple[int, int, int, int]:
+    """One iteration's policy work; perf_counter_ns at its start and after each part."""
+    clock = time.perf_counter_ns
+    start = clock()
+    if mode is Mode.COLUMNS:
+        columns = RequestColumns.from_views(views)
+        built = clock()
+        policy.order(columns, cost, batch)
+        ordered = clock()
+        policy.choose_strategies(columns, batch, cost)
+    else:
+        built = clock()
+        policy.order(views, cost, batch)
+        ordered = clock()
+        for view in views:
+            policy.choose_strategy(view, batch, cost)
+    return start, built, ordered, clock()
 
 
 def time_policy(
-    name: str, views: Sequence[RequestView], batch: BatchView, cost: CostModel, iters: int
+    name: str,
+    views: Sequence[RequestView],
+    batch: BatchView,
+    cost: CostModel,
+    iters: int,
+    mode: Mode = Mode.COLUMNS,
 ) -> Timing:
-    """Time `iters` iterations of order + choose_strategy-for-all for policy `name`."""
+    """Time `iters` iterations of policy `name`'s work over `views` in `mode`."""
     policy = make_engine_policy(name)
-    order_us, strategy_us, total_us = [], [], []
-    clock = time.perf_counter_ns
+    _iteration(policy, views, batch, cost, mode)  # warm-up: first-call costs
+    parts: list[list[float]] = [[], [], [], []]
     for _ in range(iters):
-        start = clock()
-        policy.order(views, cost, batch)
-        mid = clock()
-        for view in views:
-            policy.choose_strategy(view, batch, cost)
-        end = clock()
-        order_us.append((mid - start) / 1000.0)
-        strategy_us.append((end - mid) / 1000.0)
-        total_us.append((end - start) / 1000.0)
-    return Timing(name, *_mean_p99(order_us), *_mean_p99(strategy_us), *_mean_p99(total_us))
+        start, built, ordered, end = _iteration(policy, views, batch, cost, mode)
+        for samples, ns in zip(
+            parts, (built - start, ordered - built, end - ordered, end - start), strict=True
+        ):
+            samples.append(ns / 1000.0)
+    return Timing(name, *(_mean_p99(samples) for samples in parts))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -105,6 +148,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="waiting requests per iteration")
     parser.add_argument("--iters", type=int, default=200, help="timed iterations per policy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=Mode.COLUMNS.value,
+        help="columns: vectorized, as the policies run; per-request: the scalar path",
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or args.iters < 1:
         parser.error(f"--n and --iters must be >= 1, got {args.n} and {args.iters}")
@@ -114,19 +163,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     views = random_views(args.n, args.seed)
     batch = BatchView(running_context_tokens=60_000, free_host_tokens=100_000)
-    print(f"{args.n} waiting requests, {args.iters} iterations per policy (microseconds)")
-    header = ("policy", "order_mean", "order_p99", "strat_mean", "strat_p99", "mean", "p99")
+    mode = Mode(args.mode)
+    print(
+        f"{args.n} waiting requests, {args.iters} iterations per policy, mode {mode.value} "
+        "(microseconds per iteration)"
+    )
+    header = ("policy", "cols_mean", "order_mean", "order_p99", "strat_mean", "strat_p99")
+    header += ("mean", "p99")
     print(f"{header[0]:<10}" + "".join(f"{h:>11}" for h in header[1:]) + "  under_1ms(p99)")
     for name in engine_policy_names():
-        t = time_policy(name, views, batch, cost, args.iters)
-        cells = (
-            t.order_mean_us,
-            t.order_p99_us,
-            t.strategy_mean_us,
-            t.strategy_p99_us,
-            t.total_mean_us,
-            t.total_p99_us,
-        )
+        t = time_policy(name, views, batch, cost, args.iters, mode)
+        cells = (t.columns[0], *t.order, *t.strategy, *t.total)
         print(f"{t.policy:<10}" + "".join(f"{c:>11.1f}" for c in cells) + f"  {t.under_budget}")
 
 

@@ -1,6 +1,7 @@
 """Pure scheduling policies for mars-serve: no vLLM, Ray or torch imports.
 
-The public surface: the snapshot types, the cost model, the MARS score and
+The public surface: the snapshot types (one request's `RequestView`, many
+requests' `RequestColumns`), the cost model, the MARS score and
 INFERCEPT waste terms, the starvation guard, the engine-policy registry and
 the online predictors. Everything else is internal.
 """
@@ -12,11 +13,17 @@ from policies.engine_policy import (
     make_engine_policy,
     register_engine_policy,
 )
-from policies.memory import memory_over_time
+from policies.memory import memory_over_time, memory_over_time_columns
 from policies.predictors import ApiDurationPredictor, DecodeLengthPredictor, StreamingStat
 from policies.starvation import StarvationConfig, starving
-from policies.types import BatchView, RequestView, Strategy
-from policies.waste import StrategyChoice, choose_strategy, demotions
+from policies.types import BatchView, RequestColumns, RequestView, Strategy
+from policies.waste import (
+    StrategyChoice,
+    StrategyChoices,
+    choose_strategies,
+    choose_strategy,
+    demotions,
+)
 
 __all__ = [
     "ApiDurationPredictor",
@@ -24,16 +31,20 @@ __all__ = [
     "CostModel",
     "DecodeLengthPredictor",
     "EnginePolicy",
+    "RequestColumns",
     "RequestView",
     "StarvationConfig",
     "Strategy",
     "StrategyChoice",
+    "StrategyChoices",
     "StreamingStat",
+    "choose_strategies",
     "choose_strategy",
     "demotions",
     "engine_policy_names",
     "make_engine_policy",
     "memory_over_time",
+    "memory_over_time_columns",
     "register_engine_policy",
     "starving",
 ]

@@ -9,6 +9,10 @@ One engine iteration that processes `n` batched tokens is modelled as
 ``iter_fixed_s + iter_per_token_s * n`` (MARS.md's b + a * tokens). Prefill
 is chunked: a context of `c` tokens takes ``ceil(c / token_budget)``
 iterations that together process `c` tokens.
+
+Every time method takes one token count or a numpy array of them (one per
+request) and answers in kind: the formulas use only operators that work on
+both, so the ranking of 1,000 requests runs as a few array operations.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from policies._arrays import Floats, Ints, first_negative
 
 DEFAULT_TOKEN_BUDGET = 384
 """Iteration token budget of the reference MARS runs (chunked prefill)."""
@@ -35,9 +41,9 @@ def _check_tokens(name: str, value: int) -> None:
 class CostModel:
     """Linear iteration-time model plus swap and KV-size constants.
 
-    All times are seconds; every method is pure and O(1). The hot methods
-    check their argument inline (no helper call): the MARS ranking calls them
-    for every waiting request, every re-rank.
+    All times are seconds; every method is pure, O(1) per token count, and
+    accepts a numpy array of counts as well as one count (see the module
+    docstring).
     """
 
     iter_fixed_s: float
@@ -61,34 +67,38 @@ class CostModel:
         if self.token_budget <= 0:
             raise ValueError(f"token_budget must be > 0, got {self.token_budget!r}")
 
-    def iteration_time(self, num_tokens: int) -> float:
+    def iteration_time(self, num_tokens: Ints) -> Floats:
         """Seconds of one iteration that processes `num_tokens` batched tokens."""
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0 tokens, got {num_tokens!r}")
+        bad = first_negative(num_tokens)
+        if bad is not None:
+            raise ValueError(f"num_tokens must be >= 0 tokens, got {bad!r}")
         return self.iter_fixed_s + self.iter_per_token_s * num_tokens
 
-    def prefill_time(self, tokens: int) -> float:
+    def prefill_time(self, tokens: Ints) -> Floats:
         """Seconds to (re)compute `tokens` of context in budget-sized chunks.
 
         Each chunk is its own iteration, so the fixed cost is paid
         ``ceil(tokens / token_budget)`` times; the per-token cost once per token.
+        Zero tokens take no iteration and 0.0 seconds.
         """
-        if tokens <= 0:
-            if tokens < 0:
-                raise ValueError(f"tokens must be >= 0 tokens, got {tokens!r}")
-            return 0.0
+        bad = first_negative(tokens)
+        if bad is not None:
+            raise ValueError(f"tokens must be >= 0 tokens, got {bad!r}")
         n_iter = -(-tokens // self.token_budget)
         return n_iter * self.iter_fixed_s + self.iter_per_token_s * tokens
 
-    def decode_time(self, tokens: int, batch_tokens: int = 1) -> float:
+    def decode_time(self, tokens: Ints, batch_tokens: int = 1) -> Floats:
         """Seconds to decode `tokens` tokens, one per iteration of `batch_tokens` tokens."""
-        _check_tokens("tokens", tokens)
+        bad = first_negative(tokens)
+        if bad is not None:
+            raise ValueError(f"tokens must be >= 0 tokens, got {bad!r}")
         return tokens * self.iteration_time(batch_tokens)
 
-    def swap_time(self, tokens: int) -> float:
+    def swap_time(self, tokens: Ints) -> Floats:
         """Seconds to copy `tokens` tokens of KV one way (out or in)."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0 tokens, got {tokens!r}")
+        bad = first_negative(tokens)
+        if bad is not None:
+            raise ValueError(f"tokens must be >= 0 tokens, got {bad!r}")
         return tokens * self.swap_s_per_token
 
     @classmethod

@@ -26,18 +26,26 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
+from numpy.typing import NDArray
+
 from policies.cost_model import CostModel
-from policies.memory import memory_over_time
-from policies.starvation import StarvationConfig
-from policies.starvation import starving as starving_ids
-from policies.types import BatchView, RequestView, Strategy
-from policies.waste import StrategyChoice, choose_strategy, demotions, least_waste_strategy
+from policies.memory import memory_area
+from policies.starvation import StarvationConfig, starving_flags, starving_positions
+from policies.types import BatchView, RequestColumns, RequestView, Strategy
+from policies.waste import (
+    StrategyChoice,
+    StrategyChoices,
+    choose_strategies,
+    choose_strategy,
+    demotions,
+    least_waste_code,
+)
 
 _NO_BATCH = BatchView(running_context_tokens=0, free_host_tokens=0)
 """Stand-in when `order` gets no batch: discard is charged only its own
 recompute and swap is not considered (no host space is known to exist)."""
 
-_PRESERVE = Strategy.PRESERVE  # module constants: enum attribute lookup is slow on 3.11
 _DISCARD = Strategy.DISCARD
 _DISCARD_ONLY = frozenset({_DISCARD})
 
@@ -62,10 +70,9 @@ class EnginePolicy(ABC):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"rerank_every must be an int >= 1, got {value!r}")
 
-    @abstractmethod
     def order(
         self,
-        waiting: Sequence[RequestView],
+        waiting: Sequence[RequestView] | RequestColumns,
         cost: CostModel,
         batch: BatchView | None = None,
     ) -> list[str]:
@@ -74,7 +81,17 @@ class EnginePolicy(ABC):
         Called by the engine scheduler before admitting waiting or swapped
         requests, when its cached order is stale (see `rerank_every`).
         `batch` is the running batch, for policies that price strategies.
+        `waiting` may already be columns (`RequestColumns.from_views`), so an
+        engine that also calls `choose_strategies` builds them once.
         """
+        columns = RequestColumns.of(waiting)
+        return columns.ids_at(self.rank(columns, cost, batch))
+
+    @abstractmethod
+    def rank(
+        self, columns: RequestColumns, cost: CostModel, batch: BatchView | None
+    ) -> NDArray[np.intp]:
+        """Positions in `columns` in admission order; `order` maps them to ids."""
 
     def choose_strategy(
         self, view: RequestView, batch: BatchView, cost: CostModel
@@ -87,6 +104,13 @@ class EnginePolicy(ABC):
         """
         return choose_strategy(view, batch, cost)
 
+    def choose_strategies(
+        self, columns: RequestColumns, batch: BatchView, cost: CostModel
+    ) -> StrategyChoices:
+        """`choose_strategy` for every request in `columns` at once, entry for
+        entry equal to it; for an engine that prices many requests per iteration."""
+        return choose_strategies(columns, batch, cost)
+
     def demotions(
         self, paused: Sequence[tuple[RequestView, StrategyChoice]]
     ) -> list[tuple[str, Strategy]]:
@@ -98,7 +122,7 @@ class EnginePolicy(ABC):
         """
         return demotions(paused)
 
-    def starving(self, waiting: Sequence[RequestView]) -> list[str]:
+    def starving(self, waiting: Sequence[RequestView] | RequestColumns) -> list[str]:
         """Ids that `order` promoted to the front for starving, longest-waiting first.
 
         Called by the engine scheduler with the same `waiting` as `order`, to
@@ -127,11 +151,6 @@ def _reject_unknown(name: str, params: Mapping[str, Any], known: set[str]) -> No
         raise ValueError(
             f"engine policy {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(known)}"
         )
-
-
-def _resumed_discard(view: RequestView) -> bool:
-    """A request back from an API call whose KV was dropped: recompute it first."""
-    return view.resumed_strategy is _DISCARD
 
 
 _P = TypeVar("_P", bound=type[EnginePolicy])
@@ -169,14 +188,28 @@ def make_engine_policy(name: str, **params: Any) -> EnginePolicy:
 
 
 def _two_tier(
-    waiting: Sequence[RequestView], key: Callable[[RequestView], tuple[Any, ...]]
-) -> list[str]:
-    """Resumed-discard requests first (by arrival), then the rest by `key`."""
-    front = sorted(
-        (v for v in waiting if _resumed_discard(v)), key=lambda v: (v.arrival_s, v.request_id)
-    )
-    rest = sorted((v for v in waiting if not _resumed_discard(v)), key=key)
-    return [v.request_id for v in front] + [v.request_id for v in rest]
+    columns: RequestColumns,
+    among: NDArray[np.intp],
+    key: Callable[[NDArray[np.intp]], NDArray[np.generic]] | None = None,
+) -> NDArray[np.intp]:
+    """`among` (positions) ordered: requests back from a DISCARD first (they
+    recompute first; by arrival), then the rest by (`key(rest)`, arrival); ties
+    end at the request id. `key` maps positions to keys aligned with them;
+    None orders the rest by arrival alone.
+    """
+    resumed_discard = columns.resumed_discard[among]
+    front, rest = among[resumed_discard], among[~resumed_discard]
+    arrival = columns.arrival_s
+    front = columns.argsort(front, arrival[front])
+    if key is None:
+        rest = columns.argsort(rest, arrival[rest])
+    else:
+        rest = columns.argsort(rest, key(rest), arrival[rest])
+    return np.concatenate((front, rest))
+
+
+def _everyone(columns: RequestColumns) -> NDArray[np.intp]:
+    return np.arange(len(columns))
 
 
 @register_engine_policy
@@ -186,21 +219,23 @@ class VllmPolicy(EnginePolicy):
 
     name: ClassVar[str] = "vllm"
 
-    def order(
-        self,
-        waiting: Sequence[RequestView],
-        cost: CostModel,
-        batch: BatchView | None = None,
-    ) -> list[str]:
+    def rank(
+        self, columns: RequestColumns, cost: CostModel, batch: BatchView | None
+    ) -> NDArray[np.intp]:
         """FCFS by `queued_since_s`, so a resumed request waits at the tail."""
-        ranked = sorted(waiting, key=lambda v: (v.queued_since_s, v.arrival_s, v.request_id))
-        return [v.request_id for v in ranked]
+        return columns.argsort(_everyone(columns), columns.queued_since_s, columns.arrival_s)
 
     def choose_strategy(
         self, view: RequestView, batch: BatchView, cost: CostModel
     ) -> StrategyChoice:
         """Always DISCARD (the other wastes are reported as inf)."""
         return choose_strategy(view, batch, cost, allowed=_DISCARD_ONLY)
+
+    def choose_strategies(
+        self, columns: RequestColumns, batch: BatchView, cost: CostModel
+    ) -> StrategyChoices:
+        """Always DISCARD, for every request (the other wastes are inf)."""
+        return choose_strategies(columns, batch, cost, allowed=_DISCARD_ONLY)
 
     def demotions(
         self, paused: Sequence[tuple[RequestView, StrategyChoice]]
@@ -217,14 +252,11 @@ class InferceptPolicy(EnginePolicy):
 
     name: ClassVar[str] = "infercept"
 
-    def order(
-        self,
-        waiting: Sequence[RequestView],
-        cost: CostModel,
-        batch: BatchView | None = None,
-    ) -> list[str]:
+    def rank(
+        self, columns: RequestColumns, cost: CostModel, batch: BatchView | None
+    ) -> NDArray[np.intp]:
         """Resumed-discard requests first, then FCFS by `arrival_s`."""
-        return _two_tier(waiting, lambda v: (v.arrival_s, v.request_id))
+        return _two_tier(columns, _everyone(columns))
 
 
 @register_engine_policy
@@ -234,14 +266,12 @@ class SjfPolicy(EnginePolicy):
 
     name: ClassVar[str] = "sjf"
 
-    def order(
-        self,
-        waiting: Sequence[RequestView],
-        cost: CostModel,
-        batch: BatchView | None = None,
-    ) -> list[str]:
+    def rank(
+        self, columns: RequestColumns, cost: CostModel, batch: BatchView | None
+    ) -> NDArray[np.intp]:
         """Resumed-discard requests first, then fewest `predicted_decode_tokens`."""
-        return _two_tier(waiting, lambda v: (v.predicted_decode_tokens, v.arrival_s, v.request_id))
+        decode_tokens = columns.predicted_decode_tokens
+        return _two_tier(columns, _everyone(columns), decode_tokens.__getitem__)
 
 
 @register_engine_policy
@@ -271,9 +301,10 @@ class MarsPolicy(EnginePolicy):
             params["starvation"] = StarvationConfig(**flat)
         return cls(**params)
 
-    def starving(self, waiting: Sequence[RequestView]) -> list[str]:
+    def starving(self, waiting: Sequence[RequestView] | RequestColumns) -> list[str]:
         """Requests past `starvation.threshold_iterations` (see `policies.starvation`)."""
-        return starving_ids(waiting, self.starvation)
+        columns = RequestColumns.of(waiting)
+        return columns.ids_at(starving_positions(columns, self.starvation))
 
     @property
     def quantum_iterations(self) -> int:
@@ -282,23 +313,37 @@ class MarsPolicy(EnginePolicy):
 
     def score(self, view: RequestView, batch: BatchView, cost: CostModel) -> float:
         """Memory over time under the strategy the request would get at its next pause."""
-        if view.predicted_api_s is None:
-            strategy = _PRESERVE  # no call ahead: the strategy does not matter
-        else:
-            strategy = least_waste_strategy(view, batch, cost)
-        return memory_over_time(view, strategy, cost)
+        return _memory_score(view, batch, cost)
 
-    def order(
-        self,
-        waiting: Sequence[RequestView],
-        cost: CostModel,
-        batch: BatchView | None = None,
-    ) -> list[str]:
+    def scores(
+        self, columns: RequestColumns, batch: BatchView, cost: CostModel
+    ) -> NDArray[np.float64]:
+        """`score` of every request in `columns`, entry for entry."""
+        return _memory_score(columns, batch, cost)
+
+    def rank(
+        self, columns: RequestColumns, cost: CostModel, batch: BatchView | None
+    ) -> NDArray[np.intp]:
         """Starving first, then resumed-discard, then smallest memory over time."""
         batch = batch if batch is not None else _NO_BATCH
-        first = self.starving(waiting)
-        promoted = set(first)
-        remaining = [v for v in waiting if v.request_id not in promoted]
-        return first + _two_tier(
-            remaining, lambda v: (self.score(v, batch, cost), v.arrival_s, v.request_id)
-        )
+        hungry = starving_flags(columns, self.starvation)
+        first = starving_positions(columns, self.starvation, hungry)
+        rest = np.flatnonzero(~hungry)
+
+        def score(positions: NDArray[np.intp]) -> NDArray[np.float64]:
+            # Scoring everyone and picking is cheaper than copying the columns
+            # of `positions`. Only the scored requests' predictions may raise, so
+            # if any raises, score just those (and raise only if they do).
+            try:
+                return self.scores(columns, batch, cost)[positions]
+            except ValueError:
+                return self.scores(columns.take(positions), batch, cost)
+
+        return np.concatenate((first, _two_tier(columns, rest, score)))
+
+
+def _memory_score(r: Any, batch: BatchView, cost: CostModel) -> Any:
+    """MARS's score of a `RequestView` (or of each request of a `RequestColumns`):
+    memory over time under the least-waste strategy. With no call ahead the
+    strategy does not change the area (there is no API term)."""
+    return memory_area(r, least_waste_code(r, batch, cost), cost)

@@ -28,43 +28,75 @@ all of them.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from policies._arrays import Floats, Ints, first_negative, where
 from policies.cost_model import CostModel
-from policies.types import RequestView, Strategy
+from policies.types import (
+    DISCARD_CODE,
+    PRESERVE_CODE,
+    RequestColumns,
+    RequestView,
+    Strategy,
+    strategy_code,
+)
 
-_PRESERVE = Strategy.PRESERVE  # module constants: enum attribute lookup is slow on 3.11
-_DISCARD = Strategy.DISCARD
-_SWAP = Strategy.SWAP
+# The area functions read a `RequestView` (one request, Python scalars) or a
+# `RequestColumns` (numpy arrays, one entry per request): both expose the
+# fields used here under the same names, and every step is an operator or a
+# `policies._arrays` helper that works on either.
 
 
-def _reload_area(view: RequestView, cost: CostModel) -> float:
+def _reload_area(r: Any, cost: CostModel) -> Floats:
     """Area of bringing the context back into device memory before decoding."""
-    c = view.context_tokens
-    if not view.has_run or view.resumed_strategy is _DISCARD:
-        return cost.prefill_time(c) * c
-    if view.resumed_strategy is _SWAP:
-        return cost.swap_time(c) * c
-    return 0.0
+    c = r.context_tokens
+    return where(
+        r.needs_recompute,
+        cost.prefill_time(c) * c,
+        where(r.needs_swap_in, cost.swap_time(c) * c, 0.0),
+    )
 
 
-def _decode_area(view: RequestView, cost: CostModel, batch_tokens: int) -> float:
+def _decode_area(r: Any, cost: CostModel, batch_tokens: int) -> Floats:
     """Area of decoding d tokens while the KV grows by one token per step."""
-    c = view.context_tokens
-    d = view.predicted_decode_tokens
+    c = r.context_tokens
+    d = r.predicted_decode_tokens
     step_s = cost.iteration_time(batch_tokens)
     return step_s * (d * c + d * (d + 1) / 2)
 
 
-def _api_area(view: RequestView, strategy: Strategy, cost: CostModel) -> float:
-    """Area spent on the KV around the next API call under `strategy`."""
-    if view.predicted_api_s is None:
-        return 0.0
-    held = view.context_tokens + view.predicted_decode_tokens
-    if strategy is _PRESERVE:
-        return held * view.predicted_api_s
-    if strategy is _DISCARD:
-        rebuilt = held + view.predicted_api_return_tokens
-        return cost.prefill_time(rebuilt) * rebuilt
-    return 2 * cost.swap_time(held) * held
+def _api_area(r: Any, code: Ints, cost: CostModel) -> Floats:
+    """Area spent on the KV around the next API call under strategy `code`."""
+    held = r.context_tokens + r.predicted_decode_tokens
+    rebuilt = held + r.predicted_api_return_tokens
+    area = where(
+        code == PRESERVE_CODE,
+        held * r.api_s,
+        where(
+            code == DISCARD_CODE,
+            cost.prefill_time(rebuilt) * rebuilt,
+            2 * cost.swap_time(held) * held,
+        ),
+    )
+    return where(r.has_api_call, area, 0.0)
+
+
+def memory_area(r: Any, code: Ints, cost: CostModel, *, batch_tokens: int = 1) -> Floats:
+    """`memory_over_time` of a `RequestView` or of every request in a
+    `RequestColumns`, under the strategy with code `code` (per request for
+    columns: see `policies.types.STRATEGY_BY_CODE`). Raises ValueError for
+    negative decode tokens or an API duration below zero.
+    """
+    bad = first_negative(r.predicted_decode_tokens)
+    if bad is not None:
+        raise ValueError(f"predicted_decode_tokens must be >= 0, got {bad!r}")
+    bad = first_negative(r.api_s)  # api_s is 0.0 where no call is expected
+    if bad is not None:
+        raise ValueError(f"predicted_api_s must be >= 0, got {bad!r}")
+    return _reload_area(r, cost) + _decode_area(r, cost, batch_tokens) + _api_area(r, code, cost)
 
 
 def memory_over_time(
@@ -79,14 +111,17 @@ def memory_over_time(
     See the module docstring for the formula. O(1); raises ValueError for
     negative token counts or an API duration below zero.
     """
-    if view.predicted_decode_tokens < 0:
-        raise ValueError(
-            f"predicted_decode_tokens must be >= 0, got {view.predicted_decode_tokens!r}"
-        )
-    if view.predicted_api_s is not None and view.predicted_api_s < 0:
-        raise ValueError(f"predicted_api_s must be >= 0, got {view.predicted_api_s!r}")
-    return (
-        _reload_area(view, cost)
-        + _decode_area(view, cost, batch_tokens)
-        + _api_area(view, strategy, cost)
-    )
+    return memory_area(view, strategy_code(strategy), cost, batch_tokens=batch_tokens)
+
+
+def memory_over_time_columns(
+    columns: RequestColumns,
+    codes: NDArray[np.integer],
+    cost: CostModel,
+    *,
+    batch_tokens: int = 1,
+) -> NDArray[np.float64]:
+    """`memory_over_time` of every request in `columns`, each under the strategy
+    whose code (`policies.types.STRATEGY_BY_CODE`) is in `codes`; equal, entry
+    for entry, to the scalar function on the same request."""
+    return memory_area(columns, codes, cost, batch_tokens=batch_tokens)

@@ -14,10 +14,15 @@ when it runs), then returns it to its ranked place.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from policies.types import RequestView
+import numpy as np
+from numpy.typing import NDArray
+
+from policies._arrays import Flags
+from policies.types import RequestColumns, RequestView
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -48,15 +53,30 @@ class StarvationConfig:
             )
 
 
+def starving_flags(r: Any, config: StarvationConfig) -> Flags:
+    """Whether a `RequestView` (or each request of a `RequestColumns`) has waited
+    at least the threshold and may count at all."""
+    may_count = r.has_run | (not config.count_only_after_first_run)
+    return may_count & (r.waited_iterations >= config.threshold_iterations)
+
+
 def is_starving(view: RequestView, config: StarvationConfig) -> bool:
     """Whether `view` has waited at least the threshold (and may count at all)."""
-    if config.count_only_after_first_run and not view.has_run:
-        return False
-    return view.waited_iterations >= config.threshold_iterations
+    return bool(starving_flags(view, config))
 
 
-def starving(views: Iterable[RequestView], config: StarvationConfig) -> list[str]:
+def starving_positions(
+    columns: RequestColumns, config: StarvationConfig, flags: NDArray[np.bool_] | None = None
+) -> NDArray[np.intp]:
+    """Positions of starving requests, longest-waiting first (ties: earlier arrival,
+    then id). `flags`: `starving_flags(columns, config)`, when the caller has it."""
+    hungry = np.flatnonzero(starving_flags(columns, config) if flags is None else flags)
+    return columns.argsort(hungry, -columns.waited_iterations[hungry], columns.arrival_s[hungry])
+
+
+def starving(views: Iterable[RequestView] | RequestColumns, config: StarvationConfig) -> list[str]:
     """Ids of starving requests, longest-waiting first (ties: earlier arrival, then id)."""
-    hungry = [v for v in views if is_starving(v, config)]
-    hungry.sort(key=lambda v: (-v.waited_iterations, v.arrival_s, v.request_id))
-    return [v.request_id for v in hungry]
+    if not isinstance(views, (Sequence, RequestColumns)):
+        views = list(views)
+    columns = RequestColumns.of(views)
+    return columns.ids_at(starving_positions(columns, config))

@@ -8,7 +8,13 @@ so one policy serves all three.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 
 class Strategy(str, enum.Enum):
@@ -19,7 +25,17 @@ class Strategy(str, enum.Enum):
     SWAP = "swap"
 
 
-@dataclass(frozen=True)
+STRATEGY_BY_CODE: tuple[Strategy, ...] = (Strategy.PRESERVE, Strategy.DISCARD, Strategy.SWAP)
+"""Strategies as small ints in columns: ``STRATEGY_BY_CODE[code]``."""
+PRESERVE_CODE, DISCARD_CODE, SWAP_CODE = 0, 1, 2
+
+
+def strategy_code(strategy: Strategy) -> int:
+    """The column code of `strategy` (its index in `STRATEGY_BY_CODE`)."""
+    return STRATEGY_BY_CODE.index(strategy)
+
+
+@dataclass(frozen=True, slots=True)
 class RequestView:
     """What a policy may know about one request at one scheduler iteration.
 
@@ -48,6 +64,31 @@ class RequestView:
     queued_since_s: float = 0.0
     """When the request last entered the waiting queue (tail order for `vllm`)."""
 
+    # The derived fields below exist on `RequestColumns` too, under the same
+    # names, so that one formula reads either (see `policies._arrays`).
+
+    @property
+    def has_api_call(self) -> bool:
+        """Whether an API call is expected after the decode."""
+        return self.predicted_api_s is not None
+
+    @property
+    def api_s(self) -> float:
+        """`predicted_api_s`, or 0.0 when no call is expected."""
+        api_s = self.predicted_api_s
+        return 0.0 if api_s is None else api_s
+
+    @property
+    def needs_recompute(self) -> bool:
+        """The context must be (re)computed before decoding: never run, or back
+        from an API call whose KV was discarded."""
+        return not self.has_run or self.resumed_strategy is Strategy.DISCARD
+
+    @property
+    def needs_swap_in(self) -> bool:
+        """The context must be copied back from host before decoding."""
+        return self.has_run and self.resumed_strategy is Strategy.SWAP
+
 
 @dataclass(frozen=True)
 class BatchView:
@@ -57,3 +98,173 @@ class BatchView:
     """Sum of context tokens of the requests currently running."""
     free_host_tokens: int
     """Tokens of KV that the host swap space can still take."""
+
+
+# One row of `RequestColumns.from_views`: `struct` packs a request's numbers in
+# one C call, far cheaper than converting a Python list per column.
+_ROW = struct.Struct("=dddqqqq????")
+_ROW_DTYPE = np.dtype(
+    [
+        ("arrival_s", "<f8"),
+        ("queued_since_s", "<f8"),
+        ("api_s", "<f8"),
+        ("context_tokens", "<i8"),
+        ("predicted_decode_tokens", "<i8"),
+        ("predicted_api_return_tokens", "<i8"),
+        ("waited_iterations", "<i8"),
+        ("has_api_call", "?"),
+        ("has_run", "?"),
+        ("resumed_discard", "?"),
+        ("resumed_swap", "?"),
+    ]
+)
+assert _ROW_DTYPE.itemsize == _ROW.size
+
+
+@dataclass(frozen=True, eq=False)
+class RequestColumns:
+    """Many `RequestView`s as read-only numpy columns, one entry per request.
+
+    Built once per scheduler iteration (`from_views`) so that ranking and
+    strategy choice run as array operations instead of a Python loop per
+    request. Field names match `RequestView`'s fields and derived properties,
+    so the formulas in `policies.memory`, `policies.waste` and
+    `policies.starvation` read either.
+    """
+
+    request_ids: NDArray[np.object_]
+    arrival_s: NDArray[np.float64]
+    context_tokens: NDArray[np.int64]
+    predicted_decode_tokens: NDArray[np.int64]
+    api_s: NDArray[np.float64]
+    """`predicted_api_s`, 0.0 where no call is expected (see `has_api_call`)."""
+    has_api_call: NDArray[np.bool_]
+    predicted_api_return_tokens: NDArray[np.int64]
+    waited_iterations: NDArray[np.int64]
+    has_run: NDArray[np.bool_]
+    resumed_discard: NDArray[np.bool_]
+    """`resumed_strategy is Strategy.DISCARD`."""
+    resumed_swap: NDArray[np.bool_]
+    """`resumed_strategy is Strategy.SWAP`."""
+    queued_since_s: NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        n = len(self.request_ids)
+        for f in fields(self):
+            column = getattr(self, f.name)
+            if not isinstance(column, np.ndarray) or column.shape != (n,):
+                raise ValueError(
+                    f"{f.name} must be a 1-d numpy array of {n} entries (one per request_id), "
+                    f"got {type(column).__name__} of shape {getattr(column, 'shape', None)}"
+                )
+
+    @classmethod
+    def from_views(cls, views: Sequence[RequestView]) -> RequestColumns:
+        """Columns of `views`, in their order: one pass over the views."""
+        pack, discard, swap = _ROW.pack, Strategy.DISCARD, Strategy.SWAP
+        try:
+            rows = b"".join(
+                [
+                    pack(
+                        v.arrival_s,
+                        v.queued_since_s,
+                        0.0 if (api_s := v.predicted_api_s) is None else api_s,
+                        v.context_tokens,
+                        v.predicted_decode_tokens,
+                        v.predicted_api_return_tokens,
+                        v.waited_iterations,
+                        api_s is not None,
+                        v.has_run,
+                        (resumed := v.resumed_strategy) is discard,
+                        resumed is swap,
+                    )
+                    for v in views
+                ]
+            )
+        except struct.error as exc:
+            raise ValueError(f"a RequestView field is not a number of its type: {exc}") from exc
+        table = np.frombuffer(rows, dtype=_ROW_DTYPE)
+        ids = np.empty(len(views), dtype=object)
+        ids[:] = [v.request_id for v in views]
+        ids.flags.writeable = False
+        return cls(request_ids=ids, **{name: _frozen(table[name]) for name in _ROW_DTYPE.names})
+
+    @classmethod
+    def of(cls, waiting: Sequence[RequestView] | RequestColumns) -> RequestColumns:
+        """`waiting` itself if it is already columns, else `from_views(waiting)`."""
+        return waiting if isinstance(waiting, RequestColumns) else cls.from_views(waiting)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def needs_recompute(self) -> NDArray[np.bool_]:
+        """Per request, `RequestView.needs_recompute`."""
+        return ~self.has_run | self.resumed_discard
+
+    @property
+    def needs_swap_in(self) -> NDArray[np.bool_]:
+        """Per request, `RequestView.needs_swap_in`."""
+        return self.has_run & self.resumed_swap
+
+    def take(self, positions: NDArray[np.intp]) -> RequestColumns:
+        """The requests at `positions` (indices into these columns), in that order."""
+        return replace(
+            self, **{f.name: _taken(getattr(self, f.name), positions) for f in fields(self)}
+        )
+
+    def ids_at(self, positions: NDArray[np.intp]) -> list[str]:
+        """Request ids at `positions`, in that order."""
+        return self.request_ids[positions].tolist()
+
+    def argsort(self, positions: NDArray[np.intp], *keys: NDArray[np.generic]) -> NDArray[np.intp]:
+        """`positions` sorted by `keys` (primary first, each aligned with
+        `positions`), then by request id: the order of ``sorted(key=lambda v:
+        (*keys, v.request_id))``, stable where ids repeat.
+
+        One plain sort when the primary key has no ties (the common case with
+        float keys); a lexicographic sort otherwise, and a sort by id only
+        inside runs where every key ties.
+        """
+        order = np.argsort(keys[0])
+        if len(order) < 2:
+            return positions[order]
+        primary = keys[0][order]
+        if not (primary[1:] == primary[:-1]).any():
+            return positions[order]
+        order = np.lexsort(keys[::-1])  # stable: equal keys keep `positions` order
+        tied = np.ones(len(order) - 1, dtype=bool)
+        for key in keys:
+            ranked = key[order]
+            tied &= ranked[1:] == ranked[:-1]
+        ranked_positions = positions[order]
+        if tied.any():
+            _sort_runs_by_id(ranked_positions, tied, self.request_ids)
+        return ranked_positions
+
+
+def _frozen(column: NDArray[Any]) -> NDArray[Any]:
+    """A contiguous, read-only copy of `column`."""
+    copy = np.ascontiguousarray(column)
+    copy.flags.writeable = False
+    return copy
+
+
+def _taken(column: NDArray[Any], positions: NDArray[np.intp]) -> NDArray[Any]:
+    taken = column[positions]
+    taken.flags.writeable = False
+    return taken
+
+
+def _sort_runs_by_id(
+    order: NDArray[np.intp], tied: NDArray[np.bool_], ids: NDArray[np.object_]
+) -> None:
+    """Sort, in place, each run of `order` whose keys tie, by request id."""
+    # tied[i]: entries i and i + 1 of `order` tie. A run starts where a tie
+    # follows a non-tie and ends one entry after the streak's last tie.
+    edges = np.diff(np.concatenate(([False], tied, [False])).astype(np.int8))
+    starts = np.flatnonzero(edges == 1)
+    stops = np.flatnonzero(edges == -1) + 1
+    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+        run = order[start:stop].tolist()
+        order[start:stop] = sorted(run, key=ids.__getitem__)

@@ -11,6 +11,10 @@ C_batch = context tokens of the whole running batch (all in byte * seconds):
                    (the copy out and back stalls the batch; needs host space)
 
 The chosen strategy is the allowed one with the least waste.
+
+`choose_strategy` prices one `RequestView`; `choose_strategies` prices every
+request of a `RequestColumns` at once with the same functions (they work on
+Python scalars and on numpy arrays alike), so both give the same answers.
 """
 
 from __future__ import annotations
@@ -18,9 +22,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
+from policies._arrays import Floats, Ints, first_outside, where
 from policies.cost_model import CostModel
-from policies.types import BatchView, RequestView, Strategy
+from policies.types import (
+    DISCARD_CODE,
+    PRESERVE_CODE,
+    STRATEGY_BY_CODE,
+    SWAP_CODE,
+    BatchView,
+    RequestColumns,
+    RequestView,
+    Strategy,
+)
 
 ALL_STRATEGIES: frozenset[Strategy] = frozenset(Strategy)
 
@@ -29,19 +47,19 @@ _DISCARD = Strategy.DISCARD
 _SWAP = Strategy.SWAP
 
 
-def waste_preserve(context_tokens: int, api_s: float, cost: CostModel) -> float:
+def waste_preserve(context_tokens: Ints, api_s: Floats, cost: CostModel) -> Floats:
     """T * C * M: the request's KV sits idle in device memory for the whole call."""
     return api_s * context_tokens * cost.kv_bytes_per_token
 
 
-def waste_discard(context_tokens: int, other_tokens: int, cost: CostModel) -> float:
+def waste_discard(context_tokens: Ints, other_tokens: Ints, cost: CostModel) -> Floats:
     """t_prefill(C) * C * M + t_prefill(C) * C_other * M: recompute holds both."""
     t_prefill = cost.prefill_time(context_tokens)
     m = cost.kv_bytes_per_token
     return t_prefill * context_tokens * m + t_prefill * other_tokens * m
 
 
-def waste_swap(context_tokens: int, batch_tokens: int, cost: CostModel) -> float:
+def waste_swap(context_tokens: Ints, batch_tokens: int, cost: CostModel) -> Floats:
     """2 * t_swap(C) * C_batch * M: the whole batch waits on the copy out and back."""
     return 2 * cost.swap_time(context_tokens) * batch_tokens * cost.kv_bytes_per_token
 
@@ -69,36 +87,81 @@ class StrategyChoice:
         return self.waste_of(self.strategy)
 
 
+@dataclass(frozen=True, eq=False)
+class StrategyChoices:
+    """`StrategyChoice`s of every request in a `RequestColumns`, as columns."""
+
+    codes: NDArray[np.int8]
+    """Chosen strategy per request, as `policies.types.STRATEGY_BY_CODE` codes."""
+    waste_preserve: NDArray[np.float64]
+    waste_discard: NDArray[np.float64]
+    waste_swap: NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def choice(self, index: int) -> StrategyChoice:
+        """The `StrategyChoice` of the request at position `index`."""
+        return StrategyChoice(
+            STRATEGY_BY_CODE[int(self.codes[index])],
+            float(self.waste_preserve[index]),
+            float(self.waste_discard[index]),
+            float(self.waste_swap[index]),
+        )
+
+
+def _barred(strategy: Strategy, allowed: frozenset[Strategy]) -> float:
+    """Added to a strategy's waste: 0.0 when allowed, inf when not."""
+    return 0.0 if strategy in allowed else math.inf
+
+
 def _wastes(
-    view: RequestView, batch: BatchView, cost: CostModel, allowed: frozenset[Strategy]
-) -> tuple[float, float, float]:
-    """(preserve, discard, swap) wastes of `view`; inf for a strategy not possible."""
-    c = view.context_tokens
-    api_s = view.predicted_api_s if view.predicted_api_s is not None else 0.0
-    if not 0 <= api_s < math.inf:
-        raise ValueError(f"predicted_api_s must be finite and >= 0, got {api_s!r}")
+    r: Any, batch: BatchView, cost: CostModel, allowed: frozenset[Strategy]
+) -> tuple[Floats, Floats, Floats]:
+    """(preserve, discard, swap) wastes of a `RequestView` or of each request of a
+    `RequestColumns`; inf for a strategy not possible."""
+    c = r.context_tokens
+    api_s = r.api_s  # 0.0 when no call is expected
+    bad = first_outside(api_s, 0.0, math.inf)
+    if bad is not None:
+        raise ValueError(f"predicted_api_s must be finite and >= 0, got {bad!r}")
     batch_tokens = batch.running_context_tokens
-    every = allowed is ALL_STRATEGIES  # skips the set lookups on the hot path
-    w_preserve = waste_preserve(c, api_s, cost) if every or _PRESERVE in allowed else math.inf
-    w_discard = (
-        waste_discard(c, max(0, batch_tokens - c), cost)
-        if every or _DISCARD in allowed
-        else math.inf
-    )
-    swap_ok = (every or _SWAP in allowed) and c <= batch.free_host_tokens
-    w_swap = waste_swap(c, batch_tokens, cost) if swap_ok else math.inf
+    w_preserve = waste_preserve(c, api_s, cost)
+    w_discard = waste_discard(c, where(c < batch_tokens, batch_tokens - c, 0), cost)
+    fits_host = c <= batch.free_host_tokens
+    w_swap = where(fits_host, waste_swap(c, batch_tokens, cost), math.inf)
+    if allowed is not ALL_STRATEGIES:  # skips the set lookups on the common path
+        w_preserve = w_preserve + _barred(_PRESERVE, allowed)
+        w_discard = w_discard + _barred(_DISCARD, allowed)
+        w_swap = w_swap + _barred(_SWAP, allowed)
     return w_preserve, w_discard, w_swap
 
 
-def _least(w_preserve: float, w_discard: float, w_swap: float) -> tuple[Strategy, float]:
-    """The least-waste strategy and its waste (inf: nothing possible); strict "<"
-    in preserve, swap, discard order implements the tie-break."""
-    best, best_waste = _PRESERVE, w_preserve
-    if w_swap < best_waste:
-        best, best_waste = _SWAP, w_swap
-    if w_discard < best_waste:
-        best, best_waste = _DISCARD, w_discard
+def _least(w_preserve: Floats, w_discard: Floats, w_swap: Floats) -> tuple[Ints, Floats]:
+    """The least-waste strategy's code and its waste (inf: nothing possible); strict
+    "<" in preserve, swap, discard order implements the tie-break."""
+    swap_better = w_swap < w_preserve
+    best = where(swap_better, SWAP_CODE, PRESERVE_CODE)
+    best_waste = where(swap_better, w_swap, w_preserve)
+    discard_better = w_discard < best_waste
+    best = where(discard_better, DISCARD_CODE, best)
+    best_waste = where(discard_better, w_discard, best_waste)
     return best, best_waste
+
+
+def _check_allowed(allowed: frozenset[Strategy]) -> None:
+    if not allowed:
+        raise ValueError("allowed must name at least one Strategy, got an empty set")
+
+
+def _nothing_possible(
+    request_id: str, context_tokens: int, batch: BatchView, allowed: frozenset[Strategy]
+) -> ValueError:
+    return ValueError(
+        f"no strategy is possible for {request_id!r}: allowed="
+        f"{sorted(s.value for s in allowed)}, context {context_tokens} tokens > "
+        f"free_host_tokens {batch.free_host_tokens}"
+    )
 
 
 def choose_strategy(
@@ -115,23 +178,45 @@ def choose_strategy(
     space cannot take the context. Ties break preserve < swap < discard:
     preserve needs no work, and a swap is cheaper to undo than a recompute.
     """
-    if not allowed:
-        raise ValueError("allowed must name at least one Strategy, got an empty set")
+    _check_allowed(allowed)
     w_preserve, w_discard, w_swap = _wastes(view, batch, cost, allowed)
     best, best_waste = _least(w_preserve, w_discard, w_swap)
     if best_waste == math.inf:
-        raise ValueError(
-            f"no strategy is possible for {view.request_id!r}: allowed="
-            f"{sorted(s.value for s in allowed)}, context {view.context_tokens} tokens > "
-            f"free_host_tokens {batch.free_host_tokens}"
+        raise _nothing_possible(view.request_id, view.context_tokens, batch, allowed)
+    return StrategyChoice(STRATEGY_BY_CODE[best], w_preserve, w_discard, w_swap)
+
+
+def choose_strategies(
+    columns: RequestColumns,
+    batch: BatchView,
+    cost: CostModel,
+    *,
+    allowed: frozenset[Strategy] = ALL_STRATEGIES,
+) -> StrategyChoices:
+    """`choose_strategy` for every request in `columns` at once (same rules, same
+    numbers); raises for the first request with no possible strategy."""
+    _check_allowed(allowed)
+    w_preserve, w_discard, w_swap = _wastes(columns, batch, cost, allowed)
+    best, best_waste = _least(w_preserve, w_discard, w_swap)
+    stuck = best_waste == math.inf
+    if stuck.any():
+        i = int(np.argmax(stuck))
+        raise _nothing_possible(
+            columns.request_ids[i], int(columns.context_tokens[i]), batch, allowed
         )
-    return StrategyChoice(best, w_preserve, w_discard, w_swap)
+    return StrategyChoices(best.astype(np.int8), w_preserve, w_discard, w_swap)
+
+
+def least_waste_code(r: Any, batch: BatchView, cost: CostModel) -> Ints:
+    """Code of the least-waste strategy (every strategy allowed) of a `RequestView`,
+    or per request of a `RequestColumns`; no `StrategyChoice` is built."""
+    return _least(*_wastes(r, batch, cost, ALL_STRATEGIES))[0]
 
 
 def least_waste_strategy(view: RequestView, batch: BatchView, cost: CostModel) -> Strategy:
     """`choose_strategy(view, batch, cost).strategy` with every strategy allowed,
-    without building the StrategyChoice (the MARS ranking calls it per request)."""
-    return _least(*_wastes(view, batch, cost, ALL_STRATEGIES))[0]
+    without building the StrategyChoice."""
+    return STRATEGY_BY_CODE[least_waste_code(view, batch, cost)]
 
 
 def demotions(
