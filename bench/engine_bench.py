@@ -77,6 +77,9 @@ class RunSpec:
     max_seconds: float
     token_scale: float
     api_scale: float
+    cost: dict | None = None
+    """Cost coefficients shared by every run of a sweep (measured once), so
+    that policies are compared under one cost model; None = profile per run."""
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -120,7 +123,7 @@ def replay(spec: RunSpec) -> dict:
     """Start an engine for `spec.policy`, replay the workload, return one row."""
     from policies import Strategy
     from workers.engine import EngineConfig, MarsEngine, SessionState
-    from workers.settings import SchedulerSettings
+    from workers.settings import CostOverride, SchedulerSettings
 
     started = time.monotonic()
     load_before = os.getloadavg()[0]
@@ -130,7 +133,12 @@ def replay(spec: RunSpec) -> dict:
         num_kv_blocks=spec.kv_blocks,
         max_model_len=spec.max_model_len,
         host_swap_tokens=spec.host_swap_tokens,
-        scheduler=SchedulerSettings(policy=spec.policy, predictor=spec.predictor),
+        scheduler=SchedulerSettings(
+            policy=spec.policy,
+            predictor=spec.predictor,
+            cost=CostOverride(**spec.cost) if spec.cost else None,
+        ),
+        profile_costs=spec.cost is None,
     )
     engine = MarsEngine(config)
     startup_s = time.monotonic() - started
@@ -287,6 +295,46 @@ def run_isolated(spec: RunSpec) -> dict:
     }
 
 
+def _measure_costs(model: str, kv_blocks: int, max_model_len: int, conn) -> None:
+    try:
+        from workers.engine import EngineConfig, MarsEngine
+
+        engine = MarsEngine(
+            EngineConfig(
+                model=model,
+                block_size=BLOCK_SIZE,
+                num_kv_blocks=kv_blocks,
+                max_model_len=max_model_len,
+            )
+        )
+        cost = engine.scheduler.cost
+        conn.send(
+            {
+                "iter_fixed_s": cost.iter_fixed_s,
+                "iter_per_token_s": cost.iter_per_token_s,
+                "swap_s_per_token": cost.swap_s_per_token,
+            }
+        )
+    finally:
+        conn.close()
+
+
+def measure_costs(model: str, kv_blocks: int, max_model_len: int) -> dict:
+    """Profile one engine (in its own process) and return its cost coefficients."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_measure_costs, args=(model, kv_blocks, max_model_len, child))
+    process.start()
+    child.close()
+    try:
+        cost = parent.recv()
+    except EOFError:
+        raise RuntimeError("cost profiling failed: the profiling process exited") from None
+    finally:
+        process.join()
+    return cost
+
+
 # ------------------------------------------------------------------ helpers
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
@@ -391,7 +439,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=180.0, help="replay cap per run")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "results"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--cost",
+        nargs=3,
+        type=float,
+        metavar=("ITER_FIXED_S", "ITER_PER_TOKEN_S", "SWAP_S_PER_TOKEN"),
+        help="fixed cost model for every run (default: measured once at the start)",
+    )
     args = p.parse_args(argv)
+    if args.cost is not None:
+        if any(value < 0 for value in args.cost):
+            p.error("--cost values must be >= 0")
+        args.cost = dict(
+            zip(("iter_fixed_s", "iter_per_token_s", "swap_s_per_token"), args.cost, strict=True)
+        )
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -460,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
             f"max_model_len {max_model_len}",
             flush=True,
         )
+        cost = args.cost or measure_costs(str(model), args.kv_blocks, max_model_len)
+        print(
+            "   cost model for every run: "
+            + ", ".join(f"{key} {value:.3g}" for key, value in cost.items())
+            + (" (given)" if args.cost else " (measured once, shared by all runs)"),
+            flush=True,
+        )
         rows = []
         for load in args.loads:
             offsets = arrivals(len(requests), load, args.seed)
@@ -478,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_seconds=args.max_seconds,
                     token_scale=args.token_scale,
                     api_scale=args.api_scale,
+                    cost=cost,
                     progress=not args.no_progress,
                     extra={"dropped_too_long": dropped, "seed": args.seed},
                 )

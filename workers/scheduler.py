@@ -328,6 +328,11 @@ class MarsScheduler(Scheduler):
         starvation counters."""
         now = time.monotonic()
         self.last_scheduled_tokens = output.total_num_scheduled_tokens
+        for request_id in output.preempted_req_ids or ():
+            record = self.records.get(request_id)
+            if record is not None and record.phase is Phase.RUNNING:
+                record.queued_since_s = now
+                record.move(Phase.QUEUED, now, "preempted")
         scheduled = output.num_scheduled_tokens
         for request_id, tokens in scheduled.items():
             record = self.records[request_id]
@@ -363,6 +368,13 @@ class MarsScheduler(Scheduler):
     # ---------------------------------------------------------- inspection
     def free_blocks(self) -> int:
         return self.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def predictor_report(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Prediction error so far: API durations and segment lengths, per key."""
+        return {
+            "api_duration_s": self.api_predictor.error_report(),
+            "segment_tokens": self.decode_predictor.error_report(),
+        }
 
 
 def _extra_args(request: Request) -> dict[str, Any] | None:
