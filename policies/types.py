@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,6 +28,8 @@ class Strategy(str, enum.Enum):
 STRATEGY_BY_CODE: tuple[Strategy, ...] = (Strategy.PRESERVE, Strategy.DISCARD, Strategy.SWAP)
 """Strategies as small ints in columns: ``STRATEGY_BY_CODE[code]``."""
 PRESERVE_CODE, DISCARD_CODE, SWAP_CODE = 0, 1, 2
+
+_T = TypeVar("_T")
 
 
 def strategy_code(strategy: Strategy) -> int:
@@ -157,6 +159,20 @@ class RequestColumns:
                     f"{f.name} must be a 1-d numpy array of {n} entries (one per request_id), "
                     f"got {type(column).__name__} of shape {getattr(column, 'shape', None)}"
                 )
+        object.__setattr__(self, "_memo", {})
+
+    def memo(self, key: Hashable, compute: Callable[[], _T]) -> _T:
+        """`compute()`, run once per `key` for these columns.
+
+        The columns never change, so a pure computation over them (the
+        strategy wastes for one batch and cost model, which both `order` and
+        `choose_strategies` need in one iteration) can be shared. `compute`
+        must return read-only arrays: every caller gets the same ones.
+        """
+        memo: dict[Hashable, Any] = self._memo  # type: ignore[attr-defined]
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]  # type: ignore[no-any-return]
 
     @classmethod
     def from_views(cls, views: Sequence[RequestView]) -> RequestColumns:

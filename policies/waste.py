@@ -196,8 +196,7 @@ def choose_strategies(
     """`choose_strategy` for every request in `columns` at once (same rules, same
     numbers); raises for the first request with no possible strategy."""
     _check_allowed(allowed)
-    w_preserve, w_discard, w_swap = _wastes(columns, batch, cost, allowed)
-    best, best_waste = _least(w_preserve, w_discard, w_swap)
+    w_preserve, w_discard, w_swap, best, best_waste = _priced(columns, batch, cost, allowed)
     stuck = best_waste == math.inf
     if stuck.any():
         i = int(np.argmax(stuck))
@@ -207,9 +206,27 @@ def choose_strategies(
     return StrategyChoices(best.astype(np.int8), w_preserve, w_discard, w_swap)
 
 
+def _priced(
+    columns: RequestColumns, batch: BatchView, cost: CostModel, allowed: frozenset[Strategy]
+) -> tuple[NDArray[np.float64], ...]:
+    """(preserve, discard, swap) wastes, least-waste codes and their wastes of every
+    request in `columns`, computed once per columns, batch, cost and `allowed`."""
+
+    def compute() -> tuple[NDArray[np.float64], ...]:
+        wastes = _wastes(columns, batch, cost, allowed)
+        priced = (*wastes, *_least(*wastes))
+        for array in priced:
+            array.flags.writeable = False
+        return priced
+
+    return columns.memo(("priced", batch, cost, allowed), compute)
+
+
 def least_waste_code(r: Any, batch: BatchView, cost: CostModel) -> Ints:
     """Code of the least-waste strategy (every strategy allowed) of a `RequestView`,
     or per request of a `RequestColumns`; no `StrategyChoice` is built."""
+    if isinstance(r, RequestColumns):
+        return _priced(r, batch, cost, ALL_STRATEGIES)[3]
     return _least(*_wastes(r, batch, cost, ALL_STRATEGIES))[0]
 
 

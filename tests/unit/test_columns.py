@@ -237,3 +237,18 @@ def _fields(columns: RequestColumns) -> dict[str, object]:
     import dataclasses
 
     return {f.name: getattr(columns, f.name) for f in dataclasses.fields(columns)}
+
+
+def test_mars_order_and_choose_strategies_share_the_pricing() -> None:
+    views = random_views(random.Random(9), 50, ties=False)
+    columns = RequestColumns.from_views(views)
+    mars = make_engine_policy("mars")
+    mars.order(columns, COSTS[0], BATCHES[0])
+    first = mars.choose_strategies(columns, BATCHES[0], COSTS[0])
+    again = mars.choose_strategies(columns, BATCHES[0], COSTS[0])
+    assert first.waste_swap is again.waste_swap  # priced once per columns, batch, cost
+    assert not first.waste_swap.flags.writeable
+    other_batch = mars.choose_strategies(columns, BATCHES[1], COSTS[0])
+    assert other_batch.waste_swap is not first.waste_swap
+    for i, view in enumerate(views):
+        assert other_batch.choice(i) == choose_strategy(view, BATCHES[1], COSTS[0])
