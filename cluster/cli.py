@@ -77,9 +77,39 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# validate
+
+
+def _add_validate_command(groups: argparse._SubParsersAction) -> None:
+    validate = groups.add_parser(
+        "validate",
+        help="check a serving config without deploying it",
+        description="Validate a serving config YAML; every error names the file and the field.",
+    )
+    validate.add_argument("file", type=Path, metavar="FILE", help="serving config YAML")
+    validate.set_defaults(handler=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cluster.config import load_serving_config
+
+    config = load_serving_config(args.file)
+    pools = ", ".join(f"{p.name} x{p.count}" for p in config.resolved_pools())
+    print(
+        f"{args.file}: valid. model {config.model.name} ({config.model.path}); "
+        f"engine policy {config.policy.name}; pools {pools}; dispatch {config.dispatch.policy}; "
+        f"state store {config.state_store.url or 'in-process'}"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # parser and entry point
 
-_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_model_commands,)
+_GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_model_commands,
+    _add_validate_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from workers.model_builder import BuildError, RecipeError
+    from workers.model_builder import BuildError
+    from workers.yaml_config import ConfigError
 
-    return (UserError, RecipeError, BuildError)
+    return (UserError, ConfigError, BuildError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,8 +40,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from workers.yaml_config import ConfigError, load_yaml, validate_mapping
 
 BUILDER_VERSION = 1
 """Bump when the builder's output changes for an unchanged recipe."""
@@ -88,7 +89,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A model recipe is missing, unreadable or invalid (a user error)."""
 
 
@@ -194,41 +195,11 @@ class ModelRecipe(BaseModel):
 # Loading recipes
 
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: invalid model recipe ({exc.error_count()} error(s)):"]
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "<recipe>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_fields(err["loc"][:-1])
-            msg = "unknown field" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-        elif err["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-        lines.append(f"  - {loc}: {msg} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
-def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = ModelRecipe
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return sorted(model.model_fields)
-
-
 def recipe_from_mapping(data: Any, source: str = "<recipe>") -> ModelRecipe:
     """Validate a parsed recipe; errors name `source` and each bad field."""
-    if not isinstance(data, dict):
-        raise RecipeError(
-            f"{source}: a model recipe must be a mapping of fields, got {type(data).__name__}"
-        )
-    try:
-        return ModelRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_format_validation_error(source, exc)) from None
+    return validate_mapping(
+        ModelRecipe, data, source=source, what="model recipe", error=RecipeError
+    )
 
 
 def load_recipe(path: str | os.PathLike[str]) -> ModelRecipe:
@@ -237,20 +208,7 @@ def load_recipe(path: str | os.PathLike[str]) -> ModelRecipe:
     Raises `RecipeError` (message starts with the file name and names every
     bad field) when the file is missing, not YAML, or not a valid recipe.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: model recipe not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read model recipe: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        raise RecipeError(f"{path}: model recipe is empty")
-    return recipe_from_mapping(data, source=str(path))
+    return load_yaml(ModelRecipe, path, what="model recipe", error=RecipeError)
 
 
 def default_recipe() -> ModelRecipe:

@@ -1,0 +1,195 @@
+"""The serving config: one YAML file describes a mars-serve application.
+
+Validated by pydantic with extra fields forbidden; every error names the file
+and the field (`mars-serve validate FILE`). Engine settings are written once
+under `engine` and may be overridden per pool; a pool becomes one or more
+engine instances, each individually addressable by the global scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from policies import engine_policy_names
+from workers.yaml_config import ConfigError, load_yaml
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(BaseModel):
+    """Where the model comes from: a local HF-format directory, built from
+    the tiny-model recipe if it is not there yet."""
+
+    model_config = _STRICT
+
+    path: str = Field(description="local model directory")
+    recipe: str | None = Field(
+        None, description="tiny-model recipe YAML to build `path` from when it is missing"
+    )
+    name: str = Field("tiny", min_length=1, description="model name served at /v1/models")
+
+
+class EngineSettings(BaseModel):
+    """Engine arguments that mars-serve sets; any may be overridden per pool."""
+
+    model_config = _STRICT
+
+    block_size: int | None = Field(None, ge=32, description="KV block size, a multiple of 32")
+    num_kv_blocks: int | None = Field(None, ge=2, description="cap on KV blocks per instance")
+    max_model_len: int | None = Field(None, ge=64)
+    max_num_batched_tokens: int | None = Field(None, ge=32)
+    max_num_seqs: int | None = Field(None, ge=1)
+    host_swap_tokens: int | None = Field(None, ge=0)
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    memory_fraction: float | None = Field(None, gt=0, le=0.95)
+
+    @field_validator("block_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int | None) -> int | None:
+        if value is not None and value % 32:
+            raise ValueError(f"block_size must be a multiple of 32, got {value}")
+        return value
+
+    def merged(self, override: EngineSettings | None) -> EngineSettings:
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class EnginePolicySettings(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field("mars", description="engine policy")
+    params: dict[str, Any] = Field(default_factory=dict)
+    predictor: Literal["online", "oracle"] = "online"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in engine_policy_names():
+            raise ValueError(
+                f"unknown engine policy {value!r}; known: {', '.join(engine_policy_names())}"
+            )
+        return value
+
+
+class Pool(BaseModel):
+    """A group of identical engine instances (prefill and decode pools later)."""
+
+    model_config = _STRICT
+
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    count: int = Field(1, ge=1, le=64)
+    engine: EngineSettings | None = None
+
+
+class DispatchSettings(BaseModel):
+    model_config = _STRICT
+
+    policy: str = Field("mars_aware", description="instance placement policy")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StateStoreSettings(BaseModel):
+    model_config = _STRICT
+
+    url: str | None = Field(
+        None, description="redis://host:port/db; None keeps sessions in process"
+    )
+    session_ttl_s: float = Field(3600.0, gt=0, description="idle sessions expire after this")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must start with redis://, rediss:// or unix://, got {value!r}")
+        return value
+
+
+class ToolSettings(BaseModel):
+    """A server-side tool: `emulated` (sleep, return N tokens) or a built-in one."""
+
+    model_config = _STRICT
+
+    name: str = Field(min_length=1)
+    kind: Literal["emulated", "calculator"]
+    duration_s: float = Field(0.0, ge=0, description="emulated: how long a call takes")
+    return_tokens: int = Field(0, ge=0, description="emulated: tokens a call returns")
+
+
+class HttpSettings(BaseModel):
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    ingress_replicas: int = Field(1, ge=1, le=64)
+
+
+class ServingConfig(BaseModel):
+    """A whole mars-serve application (see configs/serve/ for examples)."""
+
+    model_config = _STRICT
+
+    model: ModelSource
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    policy: EnginePolicySettings = Field(default_factory=EnginePolicySettings)
+    instances: int | None = Field(None, ge=1, le=64, description="shorthand: one pool of N")
+    pools: list[Pool] | None = None
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    state_store: StateStoreSettings = Field(default_factory=StateStoreSettings)
+    tools: list[ToolSettings] = Field(default_factory=list)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: bool = Field(True, description="export Prometheus metrics through Ray")
+
+    @model_validator(mode="after")
+    def _pools_xor_instances(self) -> ServingConfig:
+        if self.instances is not None and self.pools is not None:
+            raise ValueError(
+                f"give either instances ({self.instances}) or pools "
+                f"({[p.name for p in self.pools]}), not both"
+            )
+        names = [p.name for p in self.pools or []]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"pools: duplicate pool names {duplicates}")
+        tool_names = [t.name for t in self.tools]
+        repeated = sorted({n for n in tool_names if tool_names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"tools: duplicate tool names {repeated}")
+        return self
+
+    def resolved_pools(self) -> list[Pool]:
+        """The pools to run: `pools`, or one `default` pool of `instances` (1 if neither)."""
+        if self.pools is not None:
+            return list(self.pools)
+        return [Pool(name="default", count=self.instances or 1)]
+
+    def instance_ids(self) -> list[str]:
+        """Every engine instance, addressable by id: `<pool>-<index>`."""
+        return [f"{pool.name}-{i}" for pool in self.resolved_pools() for i in range(pool.count)]
+
+
+def load_serving_config(path: str | os.PathLike[str]) -> ServingConfig:
+    """Read and validate a serving config; `ConfigError` names the file and each field.
+
+    Relative model and recipe paths are taken relative to the config file.
+    """
+    config = load_yaml(ServingConfig, path, what="serving config")
+    base = Path(path).resolve().parent
+    model = config.model
+    resolved = model.model_copy(
+        update={
+            "path": str((base / model.path).resolve()),
+            "recipe": str((base / model.recipe).resolve()) if model.recipe else None,
+        }
+    )
+    if resolved.recipe is None and not Path(resolved.path).is_dir():
+        raise ConfigError(
+            f"{path}: model.path {resolved.path} does not exist and no model.recipe is given "
+            "to build it"
+        )
+    return config.model_copy(update={"model": resolved})
