@@ -2,11 +2,23 @@
 
 The public surface: the snapshot types (one request's `RequestView`, many
 requests' `RequestColumns`), the cost model, the MARS score and
-INFERCEPT waste terms, the starvation guard, the engine-policy registry and
-the online predictors. Everything else is internal.
+INFERCEPT waste terms, the starvation guard, the engine-policy registry,
+the online predictors, and the instance-dispatch registry with its load
+snapshot types. Everything else is internal.
 """
 
 from policies.cost_model import CostModel
+from policies.dispatch import (
+    DispatchDecision,
+    DispatchPolicy,
+    DispatchRequest,
+    DispatchState,
+    InstanceLoad,
+    NoInstanceAvailable,
+    dispatch_policy_names,
+    make_dispatch_policy,
+    register_dispatch_policy,
+)
 from policies.engine_policy import (
     EnginePolicy,
     engine_policy_names,
@@ -30,7 +42,13 @@ __all__ = [
     "BatchView",
     "CostModel",
     "DecodeLengthPredictor",
+    "DispatchDecision",
+    "DispatchPolicy",
+    "DispatchRequest",
+    "DispatchState",
     "EnginePolicy",
+    "InstanceLoad",
+    "NoInstanceAvailable",
     "RequestColumns",
     "RequestView",
     "StarvationConfig",
@@ -41,10 +59,13 @@ __all__ = [
     "choose_strategies",
     "choose_strategy",
     "demotions",
+    "dispatch_policy_names",
     "engine_policy_names",
+    "make_dispatch_policy",
     "make_engine_policy",
     "memory_over_time",
     "memory_over_time_columns",
+    "register_dispatch_policy",
     "register_engine_policy",
     "starving",
 ]

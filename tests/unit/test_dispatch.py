@@ -1,0 +1,399 @@
+"""Instance dispatch: each policy on hand-computed loads, state threading,
+health, ties, validation and the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from policies import (
+    DispatchDecision,
+    DispatchRequest,
+    DispatchState,
+    InstanceLoad,
+    NoInstanceAvailable,
+    dispatch_policy_names,
+    make_dispatch_policy,
+)
+from policies.dispatch import llumnix_freeness, mars_aware_score
+
+START = DispatchState()
+
+
+def load(
+    instance_id: str,
+    free: int,
+    running: int = 1,
+    demand: int = 0,
+    preserved: int = 0,
+    released: int = 0,
+    backlog: float = 0.0,
+    healthy: bool = True,
+    total: int = 100,
+) -> InstanceLoad:
+    return InstanceLoad(
+        instance_id=instance_id,
+        total_blocks=total,
+        free_blocks=free,
+        running=running,
+        waiting=1 if demand else 0,
+        waiting_demand_blocks=demand,
+        paused_preserved_blocks=preserved,
+        paused_released_blocks=released,
+        predicted_backlog=backlog,
+        healthy=healthy,
+    )
+
+
+def req(affinity: str | None = None, session: str | None = "s1") -> DispatchRequest:
+    return DispatchRequest(session_id=session, prompt_tokens=100, affinity_instance=affinity)
+
+
+def choose(name: str, loads: list[InstanceLoad], request: DispatchRequest | None = None, **params):  # type: ignore[no-untyped-def]
+    decision, _ = make_dispatch_policy(name, **params).choose(request or req(), loads, START)
+    return decision
+
+
+# --- registry -----------------------------------------------------------------
+
+
+def test_registry_names() -> None:
+    assert dispatch_policy_names() == (
+        "least_load",
+        "mars_aware",
+        "round_robin",
+        "session_affinity",
+    )
+
+
+def test_unknown_policy_lists_known_names() -> None:
+    with pytest.raises(ValueError, match="unknown dispatch policy 'random'") as info:
+        make_dispatch_policy("random")
+    for name in dispatch_policy_names():
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["round_robin", "least_load", "session_affinity", "mars_aware"])
+def test_unknown_parameter_is_named(name: str) -> None:
+    with pytest.raises(ValueError, match="bogus"):
+        make_dispatch_policy(name, bogus=1)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.1"])
+def test_invalid_backlog_weight_is_named(bad: object) -> None:
+    with pytest.raises(ValueError, match="backlog_weight"):
+        make_dispatch_policy("mars_aware", backlog_weight=bad)
+
+
+@pytest.mark.parametrize("bad", ["nope", "session_affinity", 3])
+def test_invalid_fallback_is_named(bad: object) -> None:
+    with pytest.raises(ValueError, match="fallback") as info:
+        make_dispatch_policy("session_affinity", fallback=bad)
+    if bad == "nope":
+        assert "least_load" in str(info.value)
+
+
+def test_policies_are_frozen_and_comparable() -> None:
+    policy = make_dispatch_policy("session_affinity", fallback="round_robin")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.fallback = "least_load"  # type: ignore[attr-defined, misc]
+    assert policy == make_dispatch_policy("session_affinity", fallback="round_robin")
+    assert hash(policy) == hash(make_dispatch_policy("session_affinity", fallback="round_robin"))
+
+
+# --- round_robin --------------------------------------------------------------
+
+
+def test_round_robin_cycles_in_id_order_threading_state() -> None:
+    policy = make_dispatch_policy("round_robin")
+    loads = [load("c", 10), load("a", 90), load("b", 50)]
+    state = START
+    chosen = []
+    for _ in range(5):
+        decision, state = policy.choose(req(), loads, state)
+        chosen.append(decision.instance_id)
+    assert chosen == ["a", "b", "c", "a", "b"]
+    assert state == DispatchState(last_instance="b")
+    assert DispatchState() == START  # the input state is never changed
+
+
+def test_round_robin_skips_unhealthy_and_survives_membership_changes() -> None:
+    policy = make_dispatch_policy("round_robin")
+    decision, state = policy.choose(req(), [load("a", 1), load("b", 1), load("c", 1)], START)
+    assert decision.instance_id == "a"
+    # b fails: the turn goes to c, not back to a.
+    sick_b = [load("a", 1), load("b", 1, healthy=False), load("c", 1)]
+    decision, state = policy.choose(req(), sick_b, state)
+    assert decision.instance_id == "c"
+    # c leaves and b recovers: wrap around to a, then b.
+    decision, state = policy.choose(req(), [load("a", 1), load("b", 1)], state)
+    assert decision.instance_id == "a"
+    decision, state = policy.choose(req(), [load("a", 1), load("b", 1)], state)
+    assert decision.instance_id == "b"
+    assert decision.reason == "round_robin"
+
+
+def test_round_robin_ignores_affinity() -> None:
+    decision = choose("round_robin", [load("a", 1), load("b", 1)], req(affinity="b"))
+    assert decision.instance_id == "a"
+
+
+# --- least_load ---------------------------------------------------------------
+
+
+def test_llumnix_freeness_by_hand() -> None:
+    assert llumnix_freeness(load("x", free=50, running=4, demand=10)) == 10.0
+    assert llumnix_freeness(load("x", free=30, running=2)) == 15.0
+    assert llumnix_freeness(load("x", free=20, running=0)) == 20.0  # max(1, running)
+    assert llumnix_freeness(load("x", free=5, running=0, demand=20)) == -15.0
+    # Paused sessions' blocks play no part in Llumnix's freeness.
+    assert llumnix_freeness(load("x", free=30, running=2, preserved=40, released=30)) == 15.0
+
+
+def test_least_load_picks_highest_freeness() -> None:
+    loads = [
+        load("a", free=50, running=4, demand=10),  # (50 - 10) / 4 = 10
+        load("b", free=30, running=2),  # 30 / 2 = 15
+        load("c", free=20, running=0),  # 20 / 1 = 20
+        load("d", free=90, running=9, demand=85),  # 5 / 9
+    ]
+    decision = choose("least_load", loads)
+    assert decision == DispatchDecision("c", "least_load: freeness 20")
+
+
+def test_least_load_returns_state_unchanged() -> None:
+    state = DispatchState(last_instance="z")
+    _, out = make_dispatch_policy("least_load").choose(req(), [load("a", 1)], state)
+    assert out == state
+
+
+# --- mars_aware ---------------------------------------------------------------
+
+
+def test_mars_aware_score_by_hand() -> None:
+    # (40 - 10 - 20) / 2 = 5; backlog 6400 token*s / 32 = 200 block*s; 5 - 0.01 * 200 = 3.
+    x = load("x", free=40, running=2, demand=10, preserved=30, released=20, backlog=6400.0)
+    assert mars_aware_score(x, 0.01) == pytest.approx(3.0)
+    assert mars_aware_score(x, 0.0) == pytest.approx(5.0)
+
+
+def test_least_load_and_mars_aware_disagree_over_released_blocks() -> None:
+    loads = [
+        # Llumnix: 40 / 2 = 20. MARS-aware: (40 - 30) / 2 = 5 (30 blocks come back).
+        load("a", free=40, running=2, released=30),
+        # Both: 30 / 2 = 15.
+        load("b", free=30, running=2),
+    ]
+    assert choose("least_load", loads).instance_id == "a"
+    decision = choose("mars_aware", loads)
+    assert decision.instance_id == "b"
+    assert decision.reason == "mars_aware (no affinity instance): score 15"
+
+
+def test_mars_aware_counts_preserved_blocks_as_used_not_reclaimable() -> None:
+    # Same free blocks; a's 60 preserved blocks are already outside free_blocks
+    # and are not added back, so the two tie and the smaller id wins.
+    loads = [load("b", free=20, preserved=0), load("a", free=20, preserved=60)]
+    assert choose("mars_aware", loads).instance_id == "a"
+    assert mars_aware_score(loads[0], 0.0) == mars_aware_score(loads[1], 0.0) == 20.0
+
+
+def test_mars_aware_backlog_weight_trades_against_freeness() -> None:
+    loads = [
+        load("a", free=40, backlog=3200.0),  # 3200 / 32 = 100 block*s
+        load("b", free=38),
+    ]
+    # weight 0.01: a = 40 - 1 = 39 > b = 38.
+    assert choose("mars_aware", loads, backlog_weight=0.01).instance_id == "a"
+    # weight 0.1: a = 40 - 10 = 30 < b = 38.
+    assert choose("mars_aware", loads, backlog_weight=0.1).instance_id == "b"
+
+
+def test_mars_aware_backlog_breaks_ties_before_the_id() -> None:
+    loads = [load("a", free=20, backlog=500.0), load("b", free=20, backlog=100.0)]
+    assert choose("mars_aware", loads, backlog_weight=0.0).instance_id == "b"
+
+
+def test_mars_aware_prefers_healthy_affinity_over_load() -> None:
+    loads = [load("a", free=90), load("b", free=1, running=5, released=50)]
+    decision = choose("mars_aware", loads, req(affinity="b"))
+    assert decision == DispatchDecision("b", "affinity")
+    sick = [load("a", free=90), load("b", free=1, healthy=False)]
+    decision = choose("mars_aware", sick, req(affinity="b"))
+    assert decision.instance_id == "a"
+    assert "'b' unhealthy or unknown" in decision.reason
+
+
+# --- session_affinity ---------------------------------------------------------
+
+
+def test_session_affinity_uses_the_affinity_instance() -> None:
+    loads = [load("a", free=90), load("b", free=2, running=8)]
+    assert choose("session_affinity", loads, req(affinity="b")) == DispatchDecision("b", "affinity")
+
+
+def test_session_affinity_falls_back_to_least_load_by_default() -> None:
+    loads = [load("a", free=10), load("b", free=60, running=2), load("c", free=90, healthy=False)]
+    decision = choose("session_affinity", loads, req(affinity="c"))
+    assert decision == DispatchDecision(
+        "b",
+        "fallback least_load (affinity instance 'c' unhealthy or unknown): least_load: freeness 30",
+    )
+    decision = choose("session_affinity", loads, req(affinity="gone"))
+    assert decision.instance_id == "b"
+    assert "'gone'" in decision.reason
+    decision = choose("session_affinity", loads, req(affinity=None, session=None))
+    assert decision.reason.startswith("fallback least_load (no affinity instance)")
+
+
+def test_session_affinity_fallback_threads_round_robin_state() -> None:
+    policy = make_dispatch_policy("session_affinity", fallback="round_robin")
+    loads = [load("a", 1), load("b", 1), load("c", 1)]
+    decision, state = policy.choose(req(), loads, START)
+    assert (decision.instance_id, state) == ("a", DispatchState("a"))
+    assert decision.reason == "fallback round_robin (no affinity instance): round_robin"
+    # An affinity hit leaves the round-robin turn where it was.
+    decision, state = policy.choose(req(affinity="c"), loads, state)
+    assert (decision.instance_id, state) == ("c", DispatchState("a"))
+    decision, state = policy.choose(req(), loads, state)
+    assert decision.instance_id == "b"
+
+
+def test_session_affinity_can_fall_back_to_mars_aware() -> None:
+    loads = [load("a", free=40, running=2, released=30), load("b", free=30, running=2)]
+    decision = choose("session_affinity", loads, fallback="mars_aware")
+    assert decision.instance_id == "b"
+    assert decision.reason.startswith("fallback mars_aware")
+
+
+# --- health, errors, ties -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["round_robin", "least_load", "session_affinity", "mars_aware"])
+def test_unhealthy_instances_are_never_chosen(name: str) -> None:
+    loads = [load("a", free=100, running=0, healthy=False), load("b", free=1, running=9)]
+    for affinity in (None, "a", "b"):
+        decision = choose(name, loads, req(affinity=affinity))
+        assert decision.instance_id == "b", (name, affinity)
+
+
+@pytest.mark.parametrize("name", ["round_robin", "least_load", "session_affinity", "mars_aware"])
+def test_no_healthy_instance_raises(name: str) -> None:
+    policy = make_dispatch_policy(name)
+    sick = [load("b", 1, healthy=False), load("a", 1, healthy=False)]
+    with pytest.raises(NoInstanceAvailable, match=r"no healthy instance.*'s1'.*\['a', 'b'\]"):
+        policy.choose(req(affinity="a"), sick, START)
+    with pytest.raises(ValueError, match="no instance is known"):
+        policy.choose(req(session=None), [], START)
+
+
+def test_duplicate_instance_ids_are_rejected() -> None:
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        choose("least_load", [load("a", 1), load("a", 2)])
+
+
+@pytest.mark.parametrize("name", ["round_robin", "least_load", "session_affinity", "mars_aware"])
+def test_ties_go_to_the_smallest_id_whatever_the_order(name: str) -> None:
+    loads = [load("n2", 10), load("n10", 10), load("n1", 10)]
+    for order in itertools.permutations(loads):
+        decision = choose(name, list(order))
+        assert decision.instance_id == "n1", (name, order)
+
+
+@pytest.mark.parametrize("name", ["round_robin", "least_load", "session_affinity", "mars_aware"])
+def test_decisions_do_not_depend_on_load_order(name: str) -> None:
+    loads = [
+        load("a", free=40, running=2, released=30, backlog=100.0),
+        load("b", free=30, running=2, demand=5),
+        load("c", free=35, running=3, preserved=20),
+        load("d", free=90, healthy=False),
+    ]
+    policy = make_dispatch_policy(name)
+    state = DispatchState(last_instance="a")
+    results = {policy.choose(req(), list(p), state) for p in itertools.permutations(loads)}
+    assert len(results) == 1
+
+
+# --- snapshot validation ------------------------------------------------------
+
+INT_FIELDS = [
+    "total_blocks",
+    "free_blocks",
+    "running",
+    "waiting",
+    "waiting_demand_blocks",
+    "paused_preserved_blocks",
+    "paused_released_blocks",
+]
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("bad", [-1, 1.5, True, None])
+def test_invalid_load_counts_are_named(field: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(load("a", 10), **{field: bad})
+
+
+def test_free_blocks_cannot_exceed_total() -> None:
+    with pytest.raises(ValueError, match=r"free_blocks \(101\) exceeds total_blocks \(100\)"):
+        load("a", free=101)
+
+
+def test_preserved_blocks_are_not_free() -> None:
+    with pytest.raises(ValueError, match="paused_preserved_blocks"):
+        load("a", free=60, preserved=41)
+    assert load("a", free=60, preserved=40).paused_preserved_blocks == 40
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("instance_id", ""),
+        ("instance_id", 3),
+        ("predicted_backlog", -1.0),
+        ("predicted_backlog", float("nan")),
+        ("healthy", 1),
+        ("block_size", 0),
+        ("block_size", 16.0),
+    ],
+)
+def test_invalid_load_fields_are_named(field: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(load("a", 10), **{field: bad})
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [("session_id", ""), ("prompt_tokens", -1), ("prompt_tokens", 2.5), ("affinity_instance", "")],
+)
+def test_invalid_request_fields_are_named(field: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(req(), **{field: bad})
+
+
+def test_invalid_state_is_named() -> None:
+    with pytest.raises(ValueError, match="last_instance"):
+        DispatchState(last_instance="")
+
+
+def test_loads_must_be_instance_loads() -> None:
+    with pytest.raises(ValueError, match="InstanceLoad"):
+        make_dispatch_policy("least_load").choose(req(), [{"instance_id": "a"}], START)  # type: ignore[list-item]
+
+
+# --- purity -------------------------------------------------------------------
+
+
+def test_dispatch_module_imports_no_ray_or_vllm() -> None:
+    code = (
+        "import sys, policies.dispatch;"
+        "bad = sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('ray', 'vllm', 'torch', 'workers', 'cluster', 'bench'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
