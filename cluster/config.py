@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policies import engine_policy_names
+from policies import engine_policy_names, make_dispatch_policy
 from workers.yaml_config import ConfigError, load_yaml
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -92,6 +92,11 @@ class DispatchSettings(BaseModel):
 
     policy: str = Field("mars_aware", description="instance placement policy")
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> DispatchSettings:
+        make_dispatch_policy(self.policy, **self.params)  # ValueError names the problem
+        return self
 
 
 class StateStoreSettings(BaseModel):

@@ -58,6 +58,7 @@ def test_pools_give_addressable_instances(tmp_path: Path) -> None:
         (MINIMAL + "instances: 2\npools:\n  - name: a\n", "either instances (2) or pools"),
         (MINIMAL + "pools:\n  - name: a\n  - name: a\n", "duplicate pool names ['a']"),
         (MINIMAL + "http:\n  port: 70000\n", "http.port"),
+        (MINIMAL + "dispatch:\n  policy: random\n", "unknown dispatch policy 'random'"),
         ("model:\n  path: /nonexistent/model\n", "does not exist and no model.recipe"),
         ("- just a list\n", "must be a mapping"),
         ("model: [\n", "not valid YAML"),
