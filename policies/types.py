@@ -174,36 +174,52 @@ class RequestColumns:
             memo[key] = compute()
         return memo[key]  # type: ignore[no-any-return]
 
-    @classmethod
-    def from_views(cls, views: Sequence[RequestView]) -> RequestColumns:
-        """Columns of `views`, in their order: one pass over the views."""
-        pack, discard, swap = _ROW.pack, Strategy.DISCARD, Strategy.SWAP
+    @staticmethod
+    def row(view: RequestView) -> bytes:
+        """`view` packed as one row for `from_rows`, without its waited
+        iterations (they change every iteration; the rest only when the request
+        does, so a caller may keep the row until then)."""
+        api_s = view.predicted_api_s
         try:
-            rows = b"".join(
-                [
-                    pack(
-                        v.arrival_s,
-                        v.queued_since_s,
-                        0.0 if (api_s := v.predicted_api_s) is None else api_s,
-                        v.context_tokens,
-                        v.predicted_decode_tokens,
-                        v.predicted_api_return_tokens,
-                        v.waited_iterations,
-                        api_s is not None,
-                        v.has_run,
-                        (resumed := v.resumed_strategy) is discard,
-                        resumed is swap,
-                    )
-                    for v in views
-                ]
+            return _ROW.pack(
+                view.arrival_s,
+                view.queued_since_s,
+                0.0 if api_s is None else api_s,
+                view.context_tokens,
+                view.predicted_decode_tokens,
+                view.predicted_api_return_tokens,
+                0,
+                api_s is not None,
+                view.has_run,
+                view.resumed_strategy is Strategy.DISCARD,
+                view.resumed_strategy is Strategy.SWAP,
             )
         except struct.error as exc:
             raise ValueError(f"a RequestView field is not a number of its type: {exc}") from exc
-        table = np.frombuffer(rows, dtype=_ROW_DTYPE)
-        ids = np.empty(len(views), dtype=object)
-        ids[:] = [v.request_id for v in views]
+
+    @classmethod
+    def from_rows(
+        cls, request_ids: Sequence[str], rows: Sequence[bytes], waited_iterations: Sequence[int]
+    ) -> RequestColumns:
+        """Columns from packed `row`s and each request's waited iterations."""
+        table = np.frombuffer(b"".join(rows), dtype=_ROW_DTYPE)
+        ids = np.empty(len(request_ids), dtype=object)
+        ids[:] = list(request_ids)
         ids.flags.writeable = False
-        return cls(request_ids=ids, **{name: _frozen(table[name]) for name in _ROW_DTYPE.names})
+        columns = {name: _frozen(table[name]) for name in _ROW_DTYPE.names}
+        waited = np.fromiter(waited_iterations, dtype=np.int64, count=len(request_ids))
+        columns["waited_iterations"] = _frozen(waited)
+        return cls(request_ids=ids, **columns)
+
+    @classmethod
+    def from_views(cls, views: Sequence[RequestView]) -> RequestColumns:
+        """Columns of `views`, in their order."""
+        row = cls.row
+        return cls.from_rows(
+            [v.request_id for v in views],
+            [row(v) for v in views],
+            [v.waited_iterations for v in views],
+        )
 
     @classmethod
     def of(cls, waiting: Sequence[RequestView] | RequestColumns) -> RequestColumns:

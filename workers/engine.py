@@ -17,7 +17,7 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -112,6 +112,9 @@ class Session:
         return None if self.finished_s is None else self.finished_s - self.arrival_s
 
 
+OutputListener = Callable[["Session", list[int], "str | None"], None]
+
+
 class MarsEngine:
     """See the module docstring. Not thread-safe: one driver calls `step`."""
 
@@ -129,6 +132,8 @@ class MarsEngine:
         self.sessions: dict[str, Session] = {}
         self._by_engine_id: dict[str, Session] = {}
         self._timers: list[tuple[float, int, str, list[int]]] = []
+        self.listeners: list[OutputListener] = []
+        """Called on every output: new tokens, and the finish reason when a chunk ends."""
         self._tie = itertools.count()
         self.tokenizer = self._llm.get_tokenizer()
         if config.profile_costs and config.scheduler.cost is None:
@@ -329,12 +334,22 @@ class MarsEngine:
         self._llm.engine_core.add_request(core_request)
 
     def _on_output(self, session: Session, output) -> bool:
+        """Apply one output; tell the listeners (after the session's state has
+        moved, so they see where the chunk left it). True when a chunk ended."""
         completion = output.outputs[0]
+        if session.state is SessionState.FINISHED:
+            return False
+        ended = self._apply_output(session, completion)
+        for listener in self.listeners:
+            listener(session, list(completion.token_ids), completion.finish_reason)
+        return ended
+
+    def _apply_output(self, session: Session, completion) -> bool:
         if completion.token_ids:
             if session.first_token_s is None:
                 session.first_token_s = time.monotonic()
             session.outputs[-1].extend(completion.token_ids)
-        if completion.finish_reason is None or session.state is SessionState.FINISHED:
+        if completion.finish_reason is None:
             return False
         session.finish_reasons.append(completion.finish_reason)
         # The chunk's last sampled token is not kept in the context (vLLM

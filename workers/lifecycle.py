@@ -65,6 +65,12 @@ class RequestRecord:
     swapped_out_tokens: int = 0
     swapped_in_tokens: int = 0
     timeline: list[TimelineEvent] = field(default_factory=list)
+    view_row: bytes | None = None
+    """The request's packed policy view while it waits (see `RequestColumns.row`);
+    dropped by `touch` whenever something the view shows changes."""
+
+    def touch(self) -> None:
+        self.view_row = None
 
     def move(self, phase: Phase, t: float, event: str, *, strategy: Strategy | None = None) -> None:
         """The one place a phase changes; raises on a transition the table forbids."""
@@ -74,6 +80,7 @@ class RequestRecord:
                 f"{phase.value} ({event})"
             )
         self.phase = phase
+        self.touch()
         self.note(t, event, strategy=strategy)
 
     def note(self, t: float, event: str, *, strategy: Strategy | None = None, detail: str = ""):

@@ -39,6 +39,8 @@ from policies import (
     Strategy,
     make_engine_policy,
 )
+from policies.memory import memory_over_time_columns
+from policies.types import RequestColumns
 from workers.hints import SegmentHints
 from workers.kv_connector import MarsKVConnector
 from workers.lifecycle import Phase, RequestRecord
@@ -46,6 +48,7 @@ from workers.settings import SchedulerSettings, settings_from_additional_config
 
 logger = init_logger(__name__)
 
+_READY = frozenset({RequestStatus.WAITING, RequestStatus.PREEMPTED})
 _PROVISIONAL_ITER_S = 1e-3
 """Placeholder iteration cost until `set_cost_model` supplies a measured one;
 only relative scores matter before then, and start-up replaces it."""
@@ -121,6 +124,7 @@ class MarsScheduler(Scheduler):
             prior=self.settings.decode_prior_tokens, oracle=oracle
         )
         self.kv_bytes_per_token = self._kv_bytes_per_token()
+        self._total_blocks = self.free_blocks()  # everything is free at start-up
         self.cost = self._initial_cost_model()
         if self.connector is not None and not isinstance(self.connector, MarsKVConnector):
             raise ValueError("MarsScheduler needs MarsKVConnector (or no connector)")
@@ -169,6 +173,7 @@ class MarsScheduler(Scheduler):
         )
 
     def _apply_hints(self, record: RequestRecord, hints: SegmentHints) -> None:
+        record.touch()
         if self.settings.predictor == "oracle" and hints.decode_tokens is None:
             # No plan behind this chunk (start-up profiling, a session's closing
             # chunk): nothing for the oracle to return, so a final one-token segment.
@@ -225,6 +230,7 @@ class MarsScheduler(Scheduler):
         if released:
             session.num_computed_tokens = 0
             record.restore_pending = True
+            record.touch()
             self.waiting.changed = True
         self._on_resume(session, record, update)
 
@@ -237,14 +243,28 @@ class MarsScheduler(Scheduler):
     # ---------------------------------------------------------- MARS logic
     def _ranked(self, requests: list[Request]) -> list[Request]:
         """Ready requests in policy order, then blocked (paused) ones."""
-        ready = [
-            r for r in requests if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-        ]
-        blocked = [r for r in requests if r not in set(ready)]
-        views = [self._view(r, self.records[r.request_id]) for r in ready]
-        order = self.engine_policy.order(views, self.cost, self._batch())
+        ready = [r for r in requests if r.status in _READY]
+        blocked = [r for r in requests if r.status not in _READY]
+        order = self.engine_policy.order(self._columns(ready), self.cost, self._batch())
         by_id = {r.request_id: r for r in ready}
         return [by_id[i] for i in order] + blocked
+
+    def _columns(self, ready: list[Request]) -> RequestColumns:
+        """Policy columns of `ready` requests.
+
+        Each waiting request's packed view is kept on its record until the
+        request changes, so a re-rank costs a join of cached rows plus the
+        policy's array work, not a Python pass building 1,000 views.
+        """
+        records = [self.records[r.request_id] for r in ready]
+        for request, record in zip(ready, records, strict=True):
+            if record.view_row is None:
+                record.view_row = RequestColumns.row(self._view(request, record))
+        return RequestColumns.from_rows(
+            [r.request_id for r in ready],
+            [record.view_row for record in records],
+            [record.waited_iterations for record in records],
+        )
 
     def _on_pause(self, request: Request) -> None:
         now = time.monotonic()
@@ -294,6 +314,7 @@ class MarsScheduler(Scheduler):
         record = self.records[request.request_id]
         record.strategy = strategy
         record.frontier_tokens = request.num_computed_tokens
+        record.touch()
         record.note(time.monotonic(), "demoted", strategy=strategy, detail=detail)
         if strategy is Strategy.SWAP:
             (block_ids,) = self.kv_cache_manager.get_block_ids(request.request_id)
@@ -321,6 +342,7 @@ class MarsScheduler(Scheduler):
         self._pending_free.remove(request)
         self.connector.request_finished(request, [])
         record.strategy = Strategy.PRESERVE
+        record.touch()
         record.note(time.monotonic(), "swap cancelled", strategy=Strategy.PRESERVE)
 
     def _account(self, output: SchedulerOutput) -> None:
@@ -346,7 +368,7 @@ class MarsScheduler(Scheduler):
         # Every ready waiting request counts; the policy decides whether only
         # those that already ran may starve (MARS.md's reference behaviour).
         for request in self.waiting:
-            if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            if request.status in _READY:
                 self.records[request.request_id].waited_iterations += 1
 
     def _account_restore(self, request: Request, record: RequestRecord, tokens: int) -> None:
@@ -363,11 +385,46 @@ class MarsScheduler(Scheduler):
             record.recomputed_tokens += max(0, restored_upto - computed_before)
         if computed_after >= record.frontier_tokens:
             record.restore_pending = False
+            record.touch()
             self.waiting.changed = True
 
     # ---------------------------------------------------------- inspection
     def free_blocks(self) -> int:
         return self.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def load_snapshot(self) -> dict[str, int | float]:
+        """This instance's load, as the global scheduler's `InstanceLoad` needs it."""
+        blocks = self._blocks_for
+        ready = [r for r in self.waiting if r.status in _READY]
+        preserved = released = 0
+        for request in [*self.waiting, *self.kv_holding_waiting]:
+            record = self.records[request.request_id]
+            if record.phase is not Phase.PAUSED:
+                continue
+            if record.strategy is Strategy.PRESERVE:
+                (held,) = self.kv_cache_manager.get_block_ids(request.request_id)
+                preserved += len(held)
+            else:
+                released += blocks(record.frontier_tokens)
+        backlog = 0.0
+        if ready:
+            columns = self._columns(ready)
+            choices = self.engine_policy.choose_strategies(columns, self._batch(), self.cost)
+            backlog = float(memory_over_time_columns(columns, choices.codes, self.cost).sum())
+        return {
+            "total_blocks": self._total_blocks,
+            "free_blocks": self.free_blocks(),
+            "running": len(self.running),
+            "waiting": len(ready),
+            "waiting_demand_blocks": sum(blocks(r.num_tokens) for r in ready),
+            "paused_preserved_blocks": preserved,
+            "paused_released_blocks": released,
+            "predicted_backlog": backlog,
+            "block_size": self.block_size,
+        }
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
 
     def predictor_report(self) -> dict[str, dict[str, dict[str, float]]]:
         """Prediction error so far: API durations and segment lengths, per key."""

@@ -8,6 +8,7 @@ strategies, the same admission order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -90,6 +91,20 @@ def test_columns_hold_the_views(seed: int, ties: bool) -> None:
         assert getattr(columns, name).tolist() == [getattr(v, name) for v in views], name
     with pytest.raises(ValueError, match="read-only"):
         columns.context_tokens[0] = 1
+
+
+def test_cached_rows_give_the_same_columns_with_fresh_waited_counts() -> None:
+    """The engine caches each waiting request's row and passes this
+    iteration's waited counts separately; the columns must be the same."""
+    views = random_views(random.Random(7), 40, ties=False)
+    rows = [RequestColumns.row(v) for v in views]
+    waited = [v.waited_iterations + 3 for v in views]
+    cached = RequestColumns.from_rows([v.request_id for v in views], rows, waited)
+    fresh = RequestColumns.from_views(
+        [dataclasses.replace(v, waited_iterations=v.waited_iterations + 3) for v in views]
+    )
+    for field in dataclasses.fields(RequestColumns):
+        np.testing.assert_array_equal(getattr(cached, field.name), getattr(fresh, field.name))
 
 
 @pytest.mark.parametrize(("seed", "ties"), cases())

@@ -1,0 +1,75 @@
+"""`AsyncMarsEngine`: concurrent sessions from an event loop, streamed tokens,
+client-driven resume, server-side plans, errors handed back to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.engine.helpers import SWAP_IS_CHEAP, prompt
+from workers.async_engine import AsyncMarsEngine, ChunkEnd, TokenDelta
+from workers.engine import AugmentedRequest, EngineConfig, Segment, SessionState
+from workers.settings import SchedulerSettings
+from workers.tools import ToolCall
+
+pytestmark = pytest.mark.engine
+
+
+async def _chunk(engine, session_id, token_ids, max_tokens):
+    deltas, end = [], None
+    async for event in engine.generate(session_id, token_ids, max_tokens):
+        if isinstance(event, TokenDelta):
+            deltas.extend(event.token_ids)
+        else:
+            assert isinstance(event, ChunkEnd)
+            end = event
+    return deltas, end
+
+
+async def _scenario(model_dir):
+    config = EngineConfig(
+        model=str(model_dir),
+        num_kv_blocks=64,
+        max_model_len=1024,
+        profile_costs=False,
+        scheduler=SchedulerSettings(policy="mars", cost=SWAP_IS_CHEAP),
+    )
+    engine = AsyncMarsEngine(config)
+    try:
+        await engine.ready()
+        (a_tokens, a_end), (b_tokens, b_end) = await asyncio.gather(
+            _chunk(engine, "a", prompt(50), 6), _chunk(engine, "b", prompt(70, seed=4), 9)
+        )
+        assert (len(a_tokens), len(b_tokens)) == (6, 9)
+        assert a_end.token_ids == a_tokens and b_end.token_ids == b_tokens
+        assert a_end.state is SessionState.AWAITING_CLIENT
+        assert a_end.finish_reason == "length"
+
+        resumed, end = await _chunk(engine, "a", [5, 6, 7], 4)
+        assert len(resumed) == 4 and end.state is SessionState.AWAITING_CLIENT
+        events = await engine.call(lambda e: [x.event for x in e.record("a").timeline])
+        assert events.count("resumed") == 1 and events.count("paused") == 2
+
+        plan = AugmentedRequest(
+            "plan",
+            prompt(40, seed=5),
+            [Segment(5, ToolCall("emulated", duration_s=0.2, return_tokens=7)), Segment(5)],
+        )
+        session = await engine.run_plan(plan)
+        assert session.state is SessionState.FINISHED
+        assert [len(o) for o in session.outputs] == [5, 5]
+
+        await engine.close("a")
+        with pytest.raises(ValueError, match="is finished, not awaiting_client"):
+            await _chunk(engine, "a", [1], 2)
+        with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+            await _chunk(engine, "c", prompt(8), 0)
+        free = await engine.call(lambda e: e.scheduler.free_blocks())
+        assert free > 0
+    finally:
+        engine.shutdown()
+
+
+def test_async_engine_serves_concurrent_sessions(tiny_model_dir):
+    asyncio.run(_scenario(tiny_model_dir))
