@@ -104,11 +104,51 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# up / deploy / down
+
+
+def _add_cluster_commands(groups: argparse._SubParsersAction) -> None:
+    up = groups.add_parser(
+        "up",
+        help="start a local Ray head if needed, deploy a serving config, wait until ready",
+    )
+    up.add_argument("file", type=Path, metavar="FILE", help="serving config YAML")
+    up.set_defaults(handler=_cmd_up)
+    deploy = groups.add_parser("deploy", help="deploy a serving config on the running Ray cluster")
+    deploy.add_argument("file", type=Path, metavar="FILE", help="serving config YAML")
+    deploy.set_defaults(handler=_cmd_deploy)
+    down = groups.add_parser("down", help="delete the application; stop what `up` started")
+    down.set_defaults(handler=_cmd_down)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from cluster.local_cluster import up
+
+    up(args.file)
+    return EXIT_OK
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from cluster.local_cluster import deploy
+
+    print(f"endpoint: {deploy(args.file)}/v1")
+    return EXIT_OK
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from cluster.local_cluster import down
+
+    down()
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # parser and entry point
 
 _GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_model_commands,
     _add_validate_command,
+    _add_cluster_commands,
 )
 
 

@@ -69,6 +69,10 @@ class AsyncMarsEngine:
         """Wait until the engine has started (raises what start-up raised)."""
         await asyncio.wrap_future(self._ready)
 
+    def wait_started(self, timeout_s: float | None = None) -> None:
+        """Block until the engine has started (for constructors that may block)."""
+        self._ready.result(timeout=timeout_s)
+
     # ------------------------------------------------------------- commands
     async def call(self, fn: Callable[[MarsEngine], _T]) -> _T:
         """Run `fn(engine)` on the engine thread and return its result."""

@@ -1,0 +1,380 @@
+"""The HTTP ingress: OpenAI-compatible endpoints with session extensions.
+
+A request names a session (header `X-Session-Id` or body `session_id`) to
+keep its context on the engine between turns: the turn ends (at
+`max_tokens`, a stop token, or a tool-call token) with the session paused on
+its instance, and the next request of the session sends only the new
+messages (typically the tool's result). Without a session id, a request is a
+one-turn session closed after the response. `mars.plan` runs a whole
+session with server-side tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from cluster.protocol import ChatCompletionRequest, CompletionRequest, _Common
+from cluster.state_store import SessionRecord, SessionState, UnknownSession, make_state_store
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="mars-serve")
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error response."""
+
+    def __init__(self, status: int, message: str, *, kind: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.kind, "param": self.param, "code": None}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _validation_error(exc.errors()).response()
+
+
+def _validation_error(errors: Any) -> ApiError:
+    first = errors[0]
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    param = ".".join(loc) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: "
+        f"{e['msg'].removeprefix('Value error, ')}"
+        for e in errors
+    )
+    return ApiError(400, message, kind="invalid_request_error", param=param)
+
+
+class Ingress:
+    """The deployment class; `cluster.app` wraps it with `serve.ingress(app)`."""
+
+    def __init__(
+        self,
+        model_name: str,
+        model_path: str,
+        engines: dict[str, Any],
+        scheduler: Any,
+        state_store: dict[str, Any],
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self._model_name = model_name
+        self._tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._engines = engines
+        self._scheduler = scheduler
+        self._store = make_state_store(state_store.get("url"), state_store["session_ttl_s"])
+
+    # ------------------------------------------------------------ endpoints
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> dict[str, Any]:
+        loads = await self._scheduler.loads.remote()
+        healthy = [load["instance_id"] for load in loads if load["healthy"]]
+        if not healthy:
+            raise ApiError(503, "no engine instance is ready", kind="service_unavailable")
+        return {"status": "ready", "instances": healthy}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        card = {"id": self._model_name, "object": "model", "owned_by": "mars-serve"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        body = await self._parse(request, ChatCompletionRequest)
+        return await self._serve(request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._parse(request, CompletionRequest)
+        return await self._serve(request, body, chat=False)
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        record = await self._record(session_id)
+        engine = self._engines[record.instance_id]
+        info = await engine.session_info.remote(session_id)
+        return {
+            "session_id": session_id,
+            "instance_id": record.instance_id,
+            "state": record.state.value,
+            "tokens": record.tokens,
+            "strategy": info["strategy"],
+            "engine": info,
+        }
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(self, session_id: str) -> dict[str, Any]:
+        record = await self._record(session_id)
+        await self._engines[record.instance_id].close.remote(session_id)
+        await asyncio.to_thread(self._store.delete_session, session_id)
+        return {"session_id": session_id, "deleted": True}
+
+    # ------------------------------------------------------------- helpers
+    async def _parse(self, request: Request, model: type[_Common]) -> _Common:
+        try:
+            data = await request.json()
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"body is not JSON: {exc}", kind="invalid_request_error") from None
+        try:
+            body = model.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc.errors()) from None
+        if body.model != self._model_name:
+            raise ApiError(
+                404,
+                f"model {body.model!r} does not exist; this server serves {self._model_name!r}",
+                kind="invalid_request_error",
+                param="model",
+            )
+        return body
+
+    async def _record(self, session_id: str) -> SessionRecord:
+        try:
+            return await asyncio.to_thread(self._store.get_session, session_id)
+        except UnknownSession:
+            raise ApiError(
+                404, f"session {session_id!r} not found", kind="not_found_error", param="session_id"
+            ) from None
+
+    def _session_id(self, request: Request, body: _Common) -> tuple[str, bool]:
+        header = request.headers.get("x-session-id")
+        if header and body.session_id and header != body.session_id:
+            raise ApiError(
+                400,
+                f"X-Session-Id {header!r} and session_id {body.session_id!r} differ",
+                kind="invalid_request_error",
+                param="session_id",
+            )
+        named = header or body.session_id
+        return (named, False) if named else (f"anon-{uuid.uuid4().hex}", True)
+
+    def _tokens(self, body: _Common, *, chat: bool, continuing: bool) -> list[int]:
+        if not chat:
+            return self._tokenizer.encode(body.prompt, add_special_tokens=not continuing)
+        messages = [m.model_dump() for m in body.messages]
+        ids = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        if continuing and ids and ids[0] == self._tokenizer.bos_token_id:
+            ids = ids[1:]  # the session already holds its start
+        return list(ids)
+
+    async def _serve(self, request: Request, body: _Common, *, chat: bool):
+        session_id, ephemeral = self._session_id(request, body)
+        existing = None
+        if not ephemeral:
+            try:
+                existing = await asyncio.to_thread(self._store.get_session, session_id)
+            except UnknownSession:
+                existing = None
+        if existing is not None and existing.state is not SessionState.PAUSED:
+            raise ApiError(
+                409,
+                f"session {session_id!r} is {existing.state.value}; wait for its turn to end",
+                kind="invalid_request_error",
+                param="session_id",
+            )
+        token_ids = self._tokens(body, chat=chat, continuing=existing is not None)
+        placed = await self._scheduler.place.remote(session_id, len(token_ids))
+        instance_id = placed["instance_id"]
+        engine = self._engines[instance_id]
+        if body.mars.plan is not None:
+            return await self._run_plan(engine, session_id, token_ids, body, chat=chat)
+        await self._mark_generating(existing, session_id, instance_id)
+        hints = {"tool": body.mars.tool, "api_s": body.mars.expected_api_s}
+        events = engine.options(stream=True).generate.remote(
+            session_id,
+            token_ids,
+            body.token_limit,
+            {k: v for k, v in hints.items() if v is not None},
+            [*body.stop_token_ids, *body.mars.tool_call_token_ids],
+        )
+        turn = _Turn(self, body, session_id, instance_id, ephemeral, chat, len(token_ids))
+        if body.stream:
+            return StreamingResponse(turn.sse(events), media_type="text/event-stream")
+        return await turn.complete(events)
+
+    async def _mark_generating(
+        self, existing: SessionRecord | None, session_id: str, instance_id: str
+    ) -> None:
+        if existing is None:
+            record = SessionRecord(session_id, instance_id)
+            await asyncio.to_thread(self._store.create_session, record)
+        else:
+            await asyncio.to_thread(
+                self._store.update_session,
+                session_id,
+                lambda r: replace(r, state=SessionState.GENERATING),
+            )
+
+    async def _end_turn(self, turn: _Turn, end: dict[str, Any]) -> None:
+        tokens = turn.prompt_tokens + max(0, len(end["token_ids"]) - 1)
+        if turn.ephemeral or turn.body.mars.close:
+            await self._engines[turn.instance_id].close.remote(turn.session_id)
+            await asyncio.to_thread(self._store.delete_session, turn.session_id)
+            return
+        await asyncio.to_thread(
+            self._store.update_session,
+            turn.session_id,
+            lambda r: replace(r, state=SessionState.PAUSED, tokens=r.tokens + tokens),
+        )
+
+    async def _run_plan(self, engine, session_id: str, token_ids, body: _Common, *, chat: bool):
+        plan = [
+            {
+                "generate_tokens": s.generate_tokens,
+                "call": {"tool": s.call.tool, "arguments": s.call.arguments} if s.call else None,
+            }
+            for s in body.mars.plan
+        ]
+        result = await engine.run_plan.remote(session_id, token_ids, plan)
+        text = "".join(self._tokenizer.decode(o) for o in result["outputs"])
+        usage = {
+            "prompt_tokens": len(token_ids),
+            "completion_tokens": sum(len(o) for o in result["outputs"]),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        mars = {"ttft_s": result["ttft_s"], "e2e_s": result["e2e_s"], "segments": len(plan)}
+        return _response(body, session_id, text, "stop", usage, chat=chat, mars=mars)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
+
+
+class _Turn:
+    """One request's turn: relays engine events as an OpenAI response."""
+
+    def __init__(self, ingress, body, session_id, instance_id, ephemeral, chat, prompt_tokens):
+        self.ingress, self.body, self.session_id = ingress, body, session_id
+        self.instance_id, self.ephemeral, self.chat = instance_id, ephemeral, chat
+        self.prompt_tokens = prompt_tokens
+        self.created = int(time.time())
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def _finish_reason(self, end: dict[str, Any]) -> str:
+        last = end["token_ids"][-1:] or [None]
+        if end["end"] == "stop" and last[0] in self.body.mars.tool_call_token_ids:
+            return "tool_calls"
+        return end["end"]
+
+    def _usage(self, end: dict[str, Any]) -> dict[str, int]:
+        completion = len(end["token_ids"])
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    async def complete(self, events) -> JSONResponse:
+        end = None
+        async for event in events:
+            if "end" in event:
+                end = event
+        await self.ingress._end_turn(self, end)
+        text = self.ingress.decode(end["token_ids"])
+        return _response(
+            self.body,
+            self.session_id,
+            text,
+            self._finish_reason(end),
+            self._usage(end),
+            chat=self.chat,
+            mars={"instance_id": self.instance_id, "session_state": "paused"},
+            response_id=self.id,
+        )
+
+    async def sse(self, events) -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                if "tokens" in event:
+                    yield _sse(self._chunk(self.ingress.decode(event["tokens"]), None))
+                elif "end" in event:
+                    await self.ingress._end_turn(self, event)
+                    yield _sse(self._chunk("", self._finish_reason(event)))
+        except Exception as exc:  # the stream has started: report in-band
+            logger.exception("session %s: stream failed", self.session_id)
+            yield _sse({"error": {"message": str(exc), "type": "server_error"}})
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish_reason}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+            kind = "text_completion"
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.body.model,
+            "choices": [choice],
+            "session_id": self.session_id,
+        }
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _response(
+    body: _Common,
+    session_id: str,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, int],
+    *,
+    chat: bool,
+    mars: dict[str, Any],
+    response_id: str | None = None,
+) -> JSONResponse:
+    if chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+        }
+        kind, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        kind, prefix = "text_completion", "cmpl"
+    return JSONResponse(
+        {
+            "id": response_id or f"{prefix}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": [choice],
+            "usage": usage,
+            "session_id": session_id,
+            "mars": mars,
+        }
+    )
