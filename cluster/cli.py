@@ -164,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from cluster.local_cluster import ClusterError
     from workers.model_builder import BuildError
     from workers.yaml_config import ConfigError
 
-    return (UserError, ConfigError, BuildError)
+    return (UserError, ConfigError, BuildError, ClusterError, TimeoutError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

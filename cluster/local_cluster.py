@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,23 +44,41 @@ def _ray_running() -> bool:
     return result.returncode == 0
 
 
+class ClusterError(RuntimeError):
+    """The local Ray cluster could not be started or reached."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start_head(cpus: int) -> None:
-    print(f"[up] starting a local Ray head ({cpus} logical CPUs) ...", flush=True)
-    subprocess.run(
+    # Ray's default GCS port is Redis's 6379, often taken on a machine that
+    # also runs the state store's Redis: let the OS pick a free one.
+    port = _free_port()
+    print(f"[up] starting a local Ray head ({cpus} logical CPUs, GCS port {port}) ...", flush=True)
+    result = subprocess.run(
         [
             sys.executable,
             "-m",
             "ray.scripts.scripts",
             "start",
             "--head",
+            f"--port={port}",
             f"--num-cpus={cpus}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={DASHBOARD_PORT}",
             "--disable-usage-stats",
         ],
-        check=True,
-        stdout=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise ClusterError(f"ray start failed (exit {result.returncode}):\n{tail}")
 
 
 def deploy(config_path: Path, *, wait_s: float = 600.0) -> str:
@@ -75,10 +95,37 @@ def deploy(config_path: Path, *, wait_s: float = 600.0) -> str:
     print(
         f"[deploy] {config_path}: {engines} engine instance(s) of {config.model.name}", flush=True
     )
-    serve.run(build_from_config(config), name=APP_NAME, route_prefix="/", blocking=False)
+    application = build_from_config(config)
+    deploying = threading.Thread(
+        target=serve.run,
+        args=(application,),
+        kwargs={"name": APP_NAME, "route_prefix": "/", "blocking": False},
+        daemon=True,
+    )
+    deploying.start()
+    _report_progress(deploying, wait_s)
     endpoint = f"http://{config.http.host}:{config.http.port}"
     _wait_ready(endpoint, wait_s)
     return endpoint
+
+
+def _report_progress(deploying: threading.Thread, wait_s: float) -> None:
+    """Print the deployments' states every few seconds while Serve deploys."""
+    from ray import serve
+
+    started = time.monotonic()
+    while deploying.is_alive():
+        deploying.join(timeout=5.0)
+        elapsed = time.monotonic() - started
+        if elapsed > wait_s:
+            raise TimeoutError(f"the application was not deployed after {wait_s:.0f} s")
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and deploying.is_alive():
+            states = ", ".join(
+                f"{name} {status.status.value.lower()}"
+                for name, status in sorted(app.deployments.items())
+            )
+            print(f"[deploy] {elapsed:4.0f} s: {states}", flush=True)
 
 
 def _wait_ready(endpoint: str, wait_s: float) -> None:

@@ -166,3 +166,50 @@ def test_errors_follow_openai_shape(server: str, client) -> None:
     # The server still serves after bad input.
     ok = client.completions.create(model=MODEL, prompt="still here", max_tokens=3)
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_session_survives_a_global_scheduler_restart(client, redis_url: str) -> None:
+    """Kill the global scheduler's replica; Serve starts a new one, which finds
+    the session's instance in Redis. Runs last: it disturbs the shared server."""
+    import time
+
+    import openai
+    import ray
+    import redis
+
+    session = {"X-Session-Id": "durable-1"}
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "look this up"}],
+        max_tokens=4,
+        extra_headers=session,
+    )
+    instance = first.model_extra["mars"]["instance_id"]
+    stored = json.loads(redis.Redis.from_url(redis_url).get("mars:session:durable-1"))
+    assert stored["instance_id"] == instance and stored["state"] == "paused"
+
+    killed = 0
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "global-scheduler" in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            killed += 1
+    assert killed == 1
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            second = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "tool", "content": "found it"}],
+                max_tokens=4,
+                extra_headers=session,
+            )
+            break
+        except openai.APIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    assert second.model_extra["mars"]["instance_id"] == instance
+    after = json.loads(redis.Redis.from_url(redis_url).get("mars:session:durable-1"))
+    assert after["instance_id"] == instance
+    assert after["created_s"] == stored["created_s"] and after["tokens"] > stored["tokens"]
