@@ -85,6 +85,34 @@ class RunSpec:
 
 
 # ------------------------------------------------------------------ one run
+_OPENS = {"queued": "queued", "resumed": "queued", "preempted": "queued", "scheduled": "running"}
+_CLOSES = {
+    "scheduled": ("queued",),
+    "paused": ("running",),
+    "preempted": ("running",),
+    "finished": ("running", "queued", "held"),
+    "resumed": ("held",),
+}
+
+
+def time_breakdown(timeline) -> dict[str, float]:
+    """Seconds one request spent queued, running, and paused with its KV held
+    in device memory (preserved), from its engine timeline: where E2E went."""
+    spent = {"queued": 0.0, "running": 0.0, "held": 0.0}
+    since: dict[str, float] = {}
+    for event in timeline:
+        for part in _CLOSES.get(event.event, ()):
+            if part in since:
+                spent[part] += event.t - since.pop(part)
+        if event.event == "demoted" and "held" in since:
+            spent["held"] += event.t - since.pop("held")
+        if event.event in ("paused", "swap cancelled"):
+            since["held"] = event.t
+        if event.event in _OPENS:
+            since[_OPENS[event.event]] = event.t
+    return spent
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (numpy's default); None when empty."""
     if not values:
@@ -196,10 +224,13 @@ def replay(spec: RunSpec) -> dict:
     ttft = [s.ttft_s for s in completed if s.ttft_s is not None]
     ours = {s.engine_request_id for s in submitted}
     recompute_tokens = discards = swaps = swapped_tokens = 0
+    spent = {"queued": 0.0, "running": 0.0, "held": 0.0}
     for request_id in ours:
         record = scheduler.records.get(request_id)
         if record is None:
             continue
+        for part, seconds in time_breakdown(record.timeline).items():
+            spent[part] += seconds
         recompute_tokens += record.recomputed_tokens
         swapped_tokens += record.swapped_out_tokens
         for event in record.timeline:
@@ -227,6 +258,10 @@ def replay(spec: RunSpec) -> dict:
         "discards": discards,
         "swaps": swaps,
         "swapped_out_tokens": swapped_tokens,
+        # Per-request means: where the E2E went (held = paused with KV preserved).
+        "queued_mean_s": spent["queued"] / len(plans),
+        "running_mean_s": spent["running"] / len(plans),
+        "held_mean_s": spent["held"] / len(plans),
         "max_submit_lag_s": max(lags) if lags else 0.0,
         "engine_steps": steps,
         "replay_s": replay_s,
@@ -364,7 +399,7 @@ def format_table(rows: list[dict]) -> str:
     header = (
         f"{'load':>5} {'policy':<10} {'done':>7} {'e2e mean':>9} {'e2e p99':>8} "
         f"{'ttft mean':>9} {'ttft p99':>8} {'preempt':>7} {'recomp tok':>10} "
-        f"{'discards':>8} {'swaps':>5}"
+        f"{'discards':>8} {'swaps':>5} {'queued':>6} {'held':>5}"
     )
     lines = [header, "-" * len(header)]
     for r in sorted(rows, key=lambda r: (r["load_rps"], r["policy"])):
@@ -373,7 +408,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['load_rps']:>5g} {r['policy']:<10} {done:>7} {_fmt(r['e2e_mean_s']):>9} "
             f"{_fmt(r['e2e_p99_s']):>8} {_fmt(r['ttft_mean_s']):>9} {_fmt(r['ttft_p99_s']):>8} "
             f"{r.get('preemptions', '-')!s:>7} {r.get('recompute_tokens', '-')!s:>10} "
-            f"{r.get('discards', '-')!s:>8} {r.get('swaps', '-')!s:>5}"
+            f"{r.get('discards', '-')!s:>8} {r.get('swaps', '-')!s:>5} "
+            f"{_fmt(r.get('queued_mean_s')):>6} {_fmt(r.get('held_mean_s')):>5}"
             + (f"  ERROR {r['error']}" if r.get("error") else "")
         )
     return "\n".join(lines)

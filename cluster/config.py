@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policies import engine_policy_names, make_dispatch_policy
+from policies import check_engine_policy_name, make_dispatch_policy, make_engine_policy
 from workers.yaml_config import ConfigError, load_yaml
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -67,14 +67,12 @@ class EnginePolicySettings(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     predictor: Literal["online", "oracle"] = "online"
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in engine_policy_names():
-            raise ValueError(
-                f"unknown engine policy {value!r}; known: {', '.join(engine_policy_names())}"
-            )
-        return value
+    _known = field_validator("name")(classmethod(lambda cls, v: check_engine_policy_name(v)))
+
+    @model_validator(mode="after")
+    def _buildable(self) -> EnginePolicySettings:
+        make_engine_policy(self.name, **self.params)  # ValueError names the problem
+        return self
 
 
 class Pool(BaseModel):

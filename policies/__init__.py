@@ -21,6 +21,7 @@ from policies.dispatch import (
 )
 from policies.engine_policy import (
     EnginePolicy,
+    check_engine_policy_name,
     engine_policy_names,
     make_engine_policy,
     register_engine_policy,
@@ -56,6 +57,7 @@ __all__ = [
     "StrategyChoice",
     "StrategyChoices",
     "StreamingStat",
+    "check_engine_policy_name",
     "choose_strategies",
     "choose_strategy",
     "demotions",

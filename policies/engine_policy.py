@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from policies.cost_model import CostModel
 from policies.memory import memory_area
+from policies.registry import PolicyRegistry
 from policies.starvation import StarvationConfig, starving_flags, starving_positions
 from policies.types import BatchView, RequestColumns, RequestView, Strategy
 from policies.waste import (
@@ -141,33 +142,24 @@ class EnginePolicy(ABC):
     def from_params(cls, **params: Any) -> EnginePolicy:
         """Build from config parameters; unknown names raise ValueError naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
-        _reject_unknown(cls.name, params, known)
+        _POLICIES.reject_unknown(cls.name, params, known)
         return cls(**params)
 
 
-def _reject_unknown(name: str, params: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(
-            f"engine policy {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(known)}"
-        )
-
-
-_P = TypeVar("_P", bound=type[EnginePolicy])
-_REGISTRY: dict[str, type[EnginePolicy]] = {}
-
-
-def register_engine_policy(cls: _P) -> _P:
-    """Class decorator: make `cls` buildable by `make_engine_policy(cls.name)`."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"engine policy {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+_POLICIES: PolicyRegistry[type[EnginePolicy]] = PolicyRegistry("engine policy")
+register_engine_policy = _POLICIES.register
+"""Class decorator: make a policy class buildable by `make_engine_policy(cls.name)`."""
 
 
 def engine_policy_names() -> tuple[str, ...]:
     """Names `make_engine_policy` accepts, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return _POLICIES.names()
+
+
+def check_engine_policy_name(name: str) -> str:
+    """`name` if it is an engine policy; else ValueError listing the known ones
+    (for config validators that must name the field before parameters are seen)."""
+    return _POLICIES.check_name(name)
 
 
 def make_engine_policy(name: str, **params: Any) -> EnginePolicy:
@@ -176,15 +168,8 @@ def make_engine_policy(name: str, **params: Any) -> EnginePolicy:
     Raises ValueError for an unknown name (listing the known ones), an
     unknown parameter, or an invalid value (naming the parameter).
     """
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ValueError(
-            f"unknown engine policy {name!r}; known policies: {list(engine_policy_names())}"
-        )
-    try:
-        return cls.from_params(**params)
-    except ValueError as exc:
-        raise ValueError(f"engine policy {name!r}: {exc}") from exc
+    policy: EnginePolicy = _POLICIES.make(name, **params)
+    return policy
 
 
 def _two_tier(
@@ -293,7 +278,9 @@ class MarsPolicy(EnginePolicy):
     def from_params(cls, **params: Any) -> EnginePolicy:
         """Accept `rerank_every`, `starvation`, or StarvationConfig's fields flat."""
         starvation_fields = {f.name for f in dataclasses.fields(StarvationConfig)}
-        _reject_unknown(cls.name, params, {"rerank_every", "starvation"} | starvation_fields)
+        _POLICIES.reject_unknown(
+            cls.name, params, {"rerank_every", "starvation"} | starvation_fields
+        )
         flat = {k: params.pop(k) for k in list(params) if k in starvation_fields}
         if flat and "starvation" in params:
             raise ValueError(f"give either starvation or its fields {sorted(flat)}, not both")

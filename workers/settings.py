@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policies import engine_policy_names
+from policies import check_engine_policy_name, engine_policy_names, make_engine_policy
 
 ADDITIONAL_CONFIG_KEY = "mars"
 
@@ -47,14 +47,12 @@ class SchedulerSettings(BaseModel):
         None, description="fixed cost coefficients; None = measured by the engine at start-up"
     )
 
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        if value not in engine_policy_names():
-            raise ValueError(
-                f"unknown engine policy {value!r}; known: {', '.join(engine_policy_names())}"
-            )
-        return value
+    _known = field_validator("policy")(classmethod(lambda cls, v: check_engine_policy_name(v)))
+
+    @model_validator(mode="after")
+    def _buildable(self) -> SchedulerSettings:
+        make_engine_policy(self.policy, **self.policy_params)  # ValueError names the problem
+        return self
 
 
 def settings_from_additional_config(additional: dict[str, Any] | None) -> SchedulerSettings:
