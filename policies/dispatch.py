@@ -52,9 +52,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
+
+from policies.registry import PolicyRegistry
 
 
 class NoInstanceAvailable(ValueError):
@@ -108,6 +110,12 @@ class InstanceLoad:
     paused_released_blocks: int
     """Blocks that paused sessions whose KV was discarded or swapped out will
     need again when they return."""
+    paused_preserved_sessions: int = 0
+    """Paused sessions whose KV is held on the device (preserve)."""
+    paused_discarded_sessions: int = 0
+    """Paused sessions whose KV was freed, to be recomputed on resume (discard)."""
+    paused_swapped_sessions: int = 0
+    """Paused sessions whose KV was copied to host memory (swap)."""
     predicted_backlog: float = 0.0
     """The engine's predicted memory-over-time backlog (token*s); 0 if unknown."""
     healthy: bool = True
@@ -125,6 +133,9 @@ class InstanceLoad:
             "waiting_demand_blocks",
             "paused_preserved_blocks",
             "paused_released_blocks",
+            "paused_preserved_sessions",
+            "paused_discarded_sessions",
+            "paused_swapped_sessions",
         ):
             _check_non_negative_int(name, getattr(self, name))
         if self.free_blocks > self.total_blocks:
@@ -264,34 +275,18 @@ class DispatchPolicy(ABC):
     def from_params(cls, **params: Any) -> DispatchPolicy:
         """Build from config parameters; unknown names raise ValueError naming them."""
         known = {f.name for f in dataclasses.fields(cls) if f.init}
-        _reject_unknown(cls.name, params, known)
+        _POLICIES.reject_unknown(cls.name, params, known)
         return cls(**params)
 
 
-def _reject_unknown(name: str, params: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(
-            f"dispatch policy {name!r} got unknown parameter(s) {unknown}; "
-            f"it accepts {sorted(known)}"
-        )
-
-
-_P = TypeVar("_P", bound=type[DispatchPolicy])
-_REGISTRY: dict[str, type[DispatchPolicy]] = {}
-
-
-def register_dispatch_policy(cls: _P) -> _P:
-    """Class decorator: make `cls` buildable by `make_dispatch_policy(cls.name)`."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"dispatch policy {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+_POLICIES: PolicyRegistry[type[DispatchPolicy]] = PolicyRegistry("dispatch policy")
+register_dispatch_policy = _POLICIES.register
+"""Class decorator: make a policy class buildable by `make_dispatch_policy(cls.name)`."""
 
 
 def dispatch_policy_names() -> tuple[str, ...]:
     """Names `make_dispatch_policy` accepts, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return _POLICIES.names()
 
 
 def make_dispatch_policy(name: str, **params: Any) -> DispatchPolicy:
@@ -300,15 +295,8 @@ def make_dispatch_policy(name: str, **params: Any) -> DispatchPolicy:
     Raises ValueError for an unknown name (listing the known ones), an
     unknown parameter, or an invalid value (naming the parameter).
     """
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ValueError(
-            f"unknown dispatch policy {name!r}; known policies: {list(dispatch_policy_names())}"
-        )
-    try:
-        return cls.from_params(**params)
-    except ValueError as exc:
-        raise ValueError(f"dispatch policy {name!r}: {exc}") from exc
+    policy: DispatchPolicy = _POLICIES.make(name, **params)
+    return policy
 
 
 @register_dispatch_policy
@@ -364,7 +352,7 @@ class SessionAffinityDispatch(DispatchPolicy):
     def __post_init__(self) -> None:
         if self.fallback == self.name:
             raise ValueError(f"fallback must name another policy than {self.name!r}")
-        if not isinstance(self.fallback, str) or self.fallback not in _REGISTRY:
+        if not isinstance(self.fallback, str) or self.fallback not in _POLICIES:
             raise ValueError(
                 f"fallback must name a dispatch policy, one of "
                 f"{[n for n in dispatch_policy_names() if n != self.name]}; "

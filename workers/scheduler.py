@@ -397,10 +397,12 @@ class MarsScheduler(Scheduler):
         blocks = self._blocks_for
         ready = [r for r in self.waiting if r.status in _READY]
         preserved = released = 0
+        paused = dict.fromkeys(Strategy, 0)
         for request in [*self.waiting, *self.kv_holding_waiting]:
             record = self.records[request.request_id]
             if record.phase is not Phase.PAUSED:
                 continue
+            paused[record.strategy] += 1
             if record.strategy is Strategy.PRESERVE:
                 (held,) = self.kv_cache_manager.get_block_ids(request.request_id)
                 preserved += len(held)
@@ -419,6 +421,9 @@ class MarsScheduler(Scheduler):
             "waiting_demand_blocks": sum(blocks(r.num_tokens) for r in ready),
             "paused_preserved_blocks": preserved,
             "paused_released_blocks": released,
+            "paused_preserved_sessions": paused[Strategy.PRESERVE],
+            "paused_discarded_sessions": paused[Strategy.DISCARD],
+            "paused_swapped_sessions": paused[Strategy.SWAP],
             "predicted_backlog": backlog,
             "block_size": self.block_size,
         }

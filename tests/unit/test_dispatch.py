@@ -328,6 +328,9 @@ INT_FIELDS = [
     "waiting_demand_blocks",
     "paused_preserved_blocks",
     "paused_released_blocks",
+    "paused_preserved_sessions",
+    "paused_discarded_sessions",
+    "paused_swapped_sessions",
 ]
 
 
