@@ -49,6 +49,7 @@ recompute and swap is not considered (no host space is known to exist)."""
 
 _DISCARD = Strategy.DISCARD
 _DISCARD_ONLY = frozenset({_DISCARD})
+_RELEASES = frozenset({_DISCARD, Strategy.SWAP})
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,30 @@ class EnginePolicy(ABC):
         return choose_strategies(columns, batch, cost)
 
     def demotions(
-        self, paused: Sequence[tuple[RequestView, StrategyChoice]]
+        self,
+        paused: Sequence[tuple[RequestView, StrategyChoice]],
+        *,
+        memory_needed: bool = False,
     ) -> list[tuple[str, Strategy]]:
         """Paused, still-preserved requests to demote this iteration, and to what.
 
         Called by the engine scheduler once per iteration with the requests
-        whose KV is preserved during their API call. Default: MARS.md's rule
-        (`policies.waste.demotions`).
+        whose KV is preserved during their API call; `memory_needed` says
+        that some waiting request cannot be admitted for lack of KV blocks.
+        Default: MARS.md's rule (`policies.waste.demotions`).
         """
-        return demotions(paused)
+        return demotions(paused, memory_needed=memory_needed)
+
+    def eviction_strategy(self, view: RequestView, batch: BatchView, cost: CostModel) -> Strategy:
+        """How to free the KV of a ready request that holds blocks it cannot grow.
+
+        Called by the engine scheduler when nothing could run in the last
+        iteration although requests were ready: every one that holds KV needs
+        more blocks than are free, and nothing is running to preempt. The
+        engine evicts the one `order` puts last. Default: the cheaper of
+        DISCARD and SWAP by INFERCEPT's waste.
+        """
+        return choose_strategy(view, batch, cost, allowed=_RELEASES).strategy
 
     def starving(self, waiting: Sequence[RequestView] | RequestColumns) -> list[str]:
         """Ids that `order` promoted to the front for starving, longest-waiting first.
@@ -223,11 +239,18 @@ class VllmPolicy(EnginePolicy):
         return choose_strategies(columns, batch, cost, allowed=_DISCARD_ONLY)
 
     def demotions(
-        self, paused: Sequence[tuple[RequestView, StrategyChoice]]
+        self,
+        paused: Sequence[tuple[RequestView, StrategyChoice]],
+        *,
+        memory_needed: bool = False,
     ) -> list[tuple[str, Strategy]]:
         """Every paused request, to DISCARD: vLLM never keeps a paused request's
         KV, so it is dropped at the first iteration after the pause."""
         return [(view.request_id, _DISCARD) for view, _ in paused]
+
+    def eviction_strategy(self, view: RequestView, batch: BatchView, cost: CostModel) -> Strategy:
+        """DISCARD, as vLLM's own preemption (recompute)."""
+        return _DISCARD
 
 
 @register_engine_policy

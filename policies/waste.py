@@ -238,6 +238,8 @@ def least_waste_strategy(view: RequestView, batch: BatchView, cost: CostModel) -
 
 def demotions(
     paused: Sequence[tuple[RequestView, StrategyChoice]],
+    *,
+    memory_needed: bool = False,
 ) -> list[tuple[str, Strategy]]:
     """Which paused, still-preserved requests to demote this iteration, and to what.
 
@@ -247,6 +249,9 @@ def demotions(
     strategy has the largest waste: it is the costliest to demote, and its
     call may return before the next iteration, so it keeps its KV for now
     (MARS.md; the reference code demotes all but one per iteration).
+    When `memory_needed` (the engine has requests it cannot admit for lack
+    of KV blocks), none is kept: an idle KV cache held through an API call
+    would stall the requests that could run in its place.
     Returned cheapest waste first (ties by request id), so that if host space
     runs out part-way, the cheap demotions were the ones carried out.
     """
@@ -255,8 +260,9 @@ def demotions(
     ]
     if not candidates:
         return []
-    # Largest waste stays; ties keep the smallest request id, for determinism.
-    kept = min(candidates, key=lambda item: (-item[1].waste, item[0]))
-    demoted = [item for item in candidates if item is not kept]
-    demoted.sort(key=lambda item: (item[1].waste, item[0]))
-    return [(request_id, choice.strategy) for request_id, choice in demoted]
+    if not memory_needed:
+        # Largest waste stays; ties keep the smallest request id, for determinism.
+        kept = min(candidates, key=lambda item: (-item[1].waste, item[0]))
+        candidates = [item for item in candidates if item is not kept]
+    candidates.sort(key=lambda item: (item[1].waste, item[0]))
+    return [(request_id, choice.strategy) for request_id, choice in candidates]

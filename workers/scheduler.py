@@ -117,6 +117,7 @@ class MarsScheduler(Scheduler):
         self.records: dict[str, RequestRecord] = {}
         self.iteration = 0
         self.last_scheduled_tokens = 0
+        self._preempted_last_step = False
         self._pending_free: list[Request] = []
         oracle = self.settings.predictor == "oracle"
         self.api_predictor = ApiDurationPredictor(prior=self.settings.api_prior_s, oracle=oracle)
@@ -204,6 +205,7 @@ class MarsScheduler(Scheduler):
         self.iteration += 1
         self._free_swapped_out()
         self._demote_paused()
+        self._evict_if_stalled()
         if self.waiting.changed or self.iteration % self.engine_policy.rerank_every == 0:
             self.waiting.rerank(self._ranked)
         output = super().schedule(*args, **kwargs)
@@ -287,6 +289,50 @@ class MarsScheduler(Scheduler):
         record.queued_since_s = now
         record.move(Phase.QUEUED, now, "resumed", strategy=record.strategy)
 
+    def _memory_needed(self) -> bool:
+        """Whether the next ready request of either queue (in the order vLLM
+        admits them) needs more KV blocks than are free, or the last step had
+        to preempt a running request for blocks."""
+        if self._preempted_last_step:
+            return True
+        free = self.free_blocks()
+        for queue in (self.kv_holding_waiting, self.waiting):
+            head = next((r for r in queue if r.status in _READY), None)
+            if head is not None and self._blocks_for(head.num_tokens) - self._held(head) > free:
+                return True
+        return False
+
+    def _held(self, request: Request) -> int:
+        """KV blocks `request` holds now."""
+        if not self._holds_kv_blocks(request):
+            return 0
+        (held,) = self.kv_cache_manager.get_block_ids(request.request_id)
+        return len(held)
+
+    def _evict_if_stalled(self) -> None:
+        """Break a stall vLLM cannot: the last step scheduled nothing, nothing
+        runs (so there is nothing to preempt), and every ready request that
+        holds KV blocks (resumed with its KV preserved) needs more than are
+        free. The one the policy ranks last gives its blocks up, as vLLM's
+        preemption would do to a running request."""
+        if self.last_scheduled_tokens or self.running or self._pending_free:
+            return
+        holders = [r for r in self.kv_holding_waiting if r.status in _READY]
+        if not holders:
+            return
+        victim_id = self.engine_policy.order(self._columns(holders), self.cost, self._batch())[-1]
+        victim = next(r for r in holders if r.request_id == victim_id)
+        record = self.records[victim_id]
+        strategy = self.engine_policy.eviction_strategy(
+            self._view(victim, record), self._batch(), self.cost
+        )
+        if strategy is Strategy.SWAP and (
+            self.connector is None or victim.num_computed_tokens > self.connector.free_host_tokens
+        ):
+            strategy = Strategy.DISCARD
+        self._release(victim, strategy, detail="evicted: no KV blocks for a ready request")
+        record.restore_pending = True
+
     def _demote_paused(self) -> None:
         batch = self._batch()
         paused = []
@@ -299,7 +345,8 @@ class MarsScheduler(Scheduler):
             return
         requests = {r.request_id: r for r in self.kv_holding_waiting}
         host_left = batch.free_host_tokens
-        for request_id, strategy in self.engine_policy.demotions(paused):
+        demoted = self.engine_policy.demotions(paused, memory_needed=self._memory_needed())
+        for request_id, strategy in demoted:
             request = requests[request_id]
             if strategy is Strategy.SWAP:
                 if self.connector is None or request.num_computed_tokens > host_left:
@@ -350,6 +397,7 @@ class MarsScheduler(Scheduler):
         starvation counters."""
         now = time.monotonic()
         self.last_scheduled_tokens = output.total_num_scheduled_tokens
+        self._preempted_last_step = bool(output.preempted_req_ids)
         for request_id in output.preempted_req_ids or ():
             record = self.records.get(request_id)
             if record is not None and record.phase is Phase.RUNNING:
