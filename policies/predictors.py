@@ -181,3 +181,15 @@ class DecodeLengthPredictor(_KeyedPredictor):
     ) -> None:
         """Record a segment's generated tokens and, if given, the prediction made for it."""
         self._observe(key, actual_tokens, predicted_tokens)
+
+
+def expected_call_s(predicted_s: float, elapsed_s: float) -> float:
+    """The duration to price a running API call at, `elapsed_s` into it.
+
+    The prediction while the call is within it; once the call has outrun it,
+    the time already elapsed: a call that has taken X so far is expected to
+    take at least X more (API and human-turn latencies are heavy-tailed).
+    Without this, a call predicted to be instant would keep its KV preserved
+    however long it actually takes.
+    """
+    return max(_check_value("predicted_s", predicted_s), _check_value("elapsed_s", elapsed_s))

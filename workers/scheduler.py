@@ -19,6 +19,7 @@ Everything else — batching, chunked prefill, preemption — is vLLM's.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,7 @@ from policies import (
     make_engine_policy,
 )
 from policies.memory import memory_over_time_columns
+from policies.predictors import expected_call_s
 from policies.types import RequestColumns
 from workers.hints import SegmentHints
 from workers.kv_connector import MarsKVConnector
@@ -295,19 +297,20 @@ class MarsScheduler(Scheduler):
         to preempt a running request for blocks."""
         if self._preempted_last_step:
             return True
-        free = self.free_blocks()
         for queue in (self.kv_holding_waiting, self.waiting):
             head = next((r for r in queue if r.status in _READY), None)
-            if head is not None and self._blocks_for(head.num_tokens) - self._held(head) > free:
+            if head is not None and not self._fits(head):
                 return True
         return False
 
-    def _held(self, request: Request) -> int:
-        """KV blocks `request` holds now."""
-        if not self._holds_kv_blocks(request):
-            return 0
-        (held,) = self.kv_cache_manager.get_block_ids(request.request_id)
-        return len(held)
+    def _fits(self, request: Request) -> bool:
+        """Whether the free blocks cover what `request` needs beyond the blocks
+        it holds to compute all its tokens."""
+        held = 0
+        if self._holds_kv_blocks(request):
+            (block_ids,) = self.kv_cache_manager.get_block_ids(request.request_id)
+            held = len(block_ids)
+        return self._blocks_for(request.num_tokens) - held <= self.free_blocks()
 
     def _evict_if_stalled(self) -> None:
         """Break a stall vLLM cannot: the last step scheduled nothing, nothing
@@ -318,7 +321,7 @@ class MarsScheduler(Scheduler):
         if self.last_scheduled_tokens or self.running or self._pending_free:
             return
         holders = [r for r in self.kv_holding_waiting if r.status in _READY]
-        if not holders:
+        if not holders or self._fits(holders[0]):  # blocks came free since the last step
             return
         victim_id = self.engine_policy.order(self._columns(holders), self.cost, self._batch())[-1]
         victim = next(r for r in holders if r.request_id == victim_id)
@@ -335,11 +338,17 @@ class MarsScheduler(Scheduler):
 
     def _demote_paused(self) -> None:
         batch = self._batch()
+        now = time.monotonic()
         paused = []
         for request in self.kv_holding_waiting:
             record = self.records[request.request_id]
             if record.phase is Phase.PAUSED and record.strategy is Strategy.PRESERVE:
                 view = self._view(request, record)
+                if view.predicted_api_s is not None:
+                    elapsed = now - record.paused_at_s
+                    view = dataclasses.replace(
+                        view, predicted_api_s=expected_call_s(view.predicted_api_s, elapsed)
+                    )
                 paused.append((view, self.engine_policy.choose_strategy(view, batch, self.cost)))
         if not paused:
             return
@@ -382,11 +391,22 @@ class MarsScheduler(Scheduler):
     def _free_swapped_out(self) -> None:
         pending, self._pending_free = self._pending_free, []
         for request in pending:
-            self._free_paused_blocks(request)
+            if request in self.kv_holding_waiting:
+                self._free_paused_blocks(request)
+                continue
+            # An evicted request was admitted in the step that copied it out
+            # (blocks came free meanwhile), or has finished: it keeps its blocks.
+            record = self.records[request.request_id]
+            self._keep_swapped_blocks(request, record)
+            record.restore_pending = False
 
     def _cancel_swap_out(self, request: Request, record: RequestRecord) -> None:
         """The API returned before the swapped-out blocks were freed: keep them."""
         self._pending_free.remove(request)
+        self._keep_swapped_blocks(request, record)
+
+    def _keep_swapped_blocks(self, request: Request, record: RequestRecord) -> None:
+        """Drop the host copy of a swap-out whose blocks were never freed."""
         self.connector.request_finished(request, [])
         record.strategy = Strategy.PRESERVE
         record.touch()

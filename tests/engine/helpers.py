@@ -13,6 +13,8 @@ from workers.settings import CostOverride, SchedulerSettings
 # Fixed costs keep strategy choices predictable in tests; profiling has its own test.
 SWAP_IS_CHEAP = CostOverride(iter_fixed_s=0.01, iter_per_token_s=1e-3, swap_s_per_token=1e-9)
 DISCARD_IS_CHEAP = CostOverride(iter_fixed_s=1e-6, iter_per_token_s=1e-9, swap_s_per_token=10.0)
+# Recompute and copies so slow that holding the KV wins for any call under minutes.
+PRESERVE_IS_CHEAP = CostOverride(iter_fixed_s=1.0, iter_per_token_s=1.0, swap_s_per_token=1.0)
 
 
 @contextmanager

@@ -8,10 +8,12 @@ import torch
 
 from tests.engine.helpers import (
     DISCARD_IS_CHEAP,
+    PRESERVE_IS_CHEAP,
     SWAP_IS_CHEAP,
     kv_blocks,
     mars_engine,
     prompt,
+    step_until,
     values_of,
 )
 from workers.engine import AugmentedRequest, Segment, SessionState
@@ -119,7 +121,7 @@ def test_discard_frees_blocks_and_recomputes_the_context(tiny_model_dir):
 
 
 def test_preserve_keeps_blocks_through_a_short_call(tiny_model_dir):
-    with mars_engine(tiny_model_dir, cost=SWAP_IS_CHEAP) as engine:
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as engine:
         _background_runner(engine)
         sessions = _pause_two(engine, INSTANT_CALL)
         held = {s.session_id: list(_blocks(engine, s)) for s in sessions}
@@ -131,3 +133,42 @@ def test_preserve_keeps_blocks_through_a_short_call(tiny_model_dir):
         events = [e.event for e in engine.record("a").timeline]
         assert events[:3] == ["queued", "scheduled", "paused"]
         assert "demoted" not in events
+
+
+@pytest.mark.parametrize(("host_swap_tokens", "strategy"), [(4096, "swap"), (0, "discard")])
+def test_stalled_kv_holders_are_broken_by_evicting_the_last_ranked(
+    tiny_model_dir, host_swap_tokens, strategy
+):
+    # 9 blocks, one of them vLLM's null block: two paused 97-token sessions
+    # hold 4 each, the pool is full. Resumed, each needs a fifth block at
+    # once; nothing runs, so vLLM has nothing to preempt and, without the
+    # eviction, neither would ever run. With nothing running a swap stalls
+    # no batch, so it is the eviction of choice where host space allows.
+    with mars_engine(
+        tiny_model_dir,
+        cost=SWAP_IS_CHEAP,
+        num_kv_blocks=9,
+        max_model_len=256,
+        host_swap_tokens=host_swap_tokens,
+    ) as engine:
+        sessions = _pause_two(engine, INSTANT_CALL)
+        assert engine.scheduler.free_blocks() == 0
+        for s in sessions:
+            # 97 + 40 tokens: a fifth block before the first new token is computed.
+            engine.continue_session(s.session_id, prompt(40, seed=3), 16, INSTANT_CALL)
+        engine.step()  # nothing can be scheduled
+        assert engine.scheduler.last_scheduled_tokens == 0
+        step_until(
+            engine,
+            lambda: all(s.state is SessionState.AWAITING_CLIENT for s in sessions),
+            max_steps=20_000,  # idle steps are fast; a demotion waits for its call to age
+        )
+        first, last = sessions  # FCFS (infercept): the later arrival ranks last
+
+        def evictions(session):
+            timeline = engine.record(session.session_id).timeline
+            return [e.strategy.value for e in timeline if e.detail.startswith("evicted")]
+
+        assert evictions(last) == [strategy]
+        assert evictions(first) == []
+        assert last.outputs == first.outputs  # temperature 0: the eviction lost nothing

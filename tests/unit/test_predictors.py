@@ -11,6 +11,7 @@ from policies.predictors import (
     ApiDurationPredictor,
     DecodeLengthPredictor,
     StreamingStat,
+    expected_call_s,
 )
 
 
@@ -150,3 +151,12 @@ def test_decode_length_oracle() -> None:
     assert p.predict("seg0", truth=42) == 42
     with pytest.raises(ValueError, match="truth"):
         p.predict("seg0", hint_tokens=5)
+
+
+def test_expected_call_is_the_prediction_until_the_call_outruns_it() -> None:
+    assert expected_call_s(5.0, 0.0) == 5.0
+    assert expected_call_s(5.0, 4.9) == 5.0
+    assert expected_call_s(5.0, 7.5) == 7.5  # overdue: at least as long again
+    assert expected_call_s(0.0, 0.2) == 0.2
+    with pytest.raises(ValueError, match="elapsed_s"):
+        expected_call_s(1.0, -1.0)

@@ -177,3 +177,16 @@ def test_demotions_edge_cases() -> None:
     # Tie on the largest waste: the smaller id stays.
     tied = [paused("y", Strategy.DISCARD, 30.0), paused("x", Strategy.SWAP, 30.0)]
     assert demotions(tied) == [("y", Strategy.DISCARD)]
+
+
+def test_demotions_keep_none_when_memory_is_needed() -> None:
+    items = [
+        paused("a", Strategy.DISCARD, 10.0),
+        paused("b", Strategy.SWAP, 30.0),
+        paused("c", Strategy.PRESERVE, 50.0),  # chose preserve: still never demoted
+    ]
+    expected = [("a", Strategy.DISCARD), ("b", Strategy.SWAP)]
+    assert demotions(items, memory_needed=True) == expected
+    assert demotions([paused("a", Strategy.DISCARD, 1.0)], memory_needed=True) == [
+        ("a", Strategy.DISCARD)
+    ]
