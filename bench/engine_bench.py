@@ -492,9 +492,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    for name in ("kv_blocks", "max_requests"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.kv_blocks < 3:
+        p.error("--kv-blocks must be >= 3 (one is vLLM's null block)")
+    if args.max_requests < 1:
+        p.error("--max-requests must be >= 1")
     if args.host_swap_tokens < 0:
         p.error("--host-swap-tokens must be >= 0")
     if args.max_seconds <= 0:
@@ -532,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     count_tokens = tokenizer_counter(str(model))
     # The longest context a request may reach: what the KV cache can hold and
     # the model allows, minus headroom for the session's closing chunk.
-    limit = min(args.kv_blocks * BLOCK_SIZE, MODEL_MAX_POSITIONS) - BLOCK_SIZE
+    # vLLM keeps one block of the pool as its null block.
+    usable_tokens = (args.kv_blocks - 1) * BLOCK_SIZE
+    limit = min(usable_tokens, MODEL_MAX_POSITIONS) - BLOCK_SIZE
     prefix = "quick" if args.quick else "engine"
     for trace in args.traces:
         name, path = _trace_path(trace)
@@ -546,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         longest = max(r.total_tokens for r in requests)
         max_model_len = min(
-            MODEL_MAX_POSITIONS, math.ceil((longest + BLOCK_SIZE) / BLOCK_SIZE) * BLOCK_SIZE
+            MODEL_MAX_POSITIONS,
+            usable_tokens,
+            math.ceil((longest + BLOCK_SIZE) / BLOCK_SIZE) * BLOCK_SIZE,
         )
         calls = sum(r.num_calls for r in requests)
         print(
