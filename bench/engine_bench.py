@@ -162,7 +162,7 @@ def replay(spec: RunSpec) -> dict:
         max_model_len=spec.max_model_len,
         host_swap_tokens=spec.host_swap_tokens,
         scheduler=SchedulerSettings(
-            policy=spec.policy,
+            **policy_settings(spec.policy),
             predictor=spec.predictor,
             cost=CostOverride(**spec.cost) if spec.cost else None,
         ),
@@ -502,12 +502,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-seconds must be > 0")
     if any(load <= 0 for load in args.loads):
         p.error("--loads must all be > 0")
-    from policies import engine_policy_names
+    from policies import make_engine_policy
 
-    unknown = sorted(set(args.policies) - set(engine_policy_names()))
-    if unknown:
-        p.error(f"unknown policies {unknown}; known: {list(engine_policy_names())}")
+    for policy in args.policies:
+        try:
+            settings = policy_settings(policy)
+            make_engine_policy(settings["policy"], **settings["policy_params"])
+        except ValueError as exc:
+            p.error(f"--policies {policy!r}: {exc}")
     return args
+
+
+def policy_settings(spec: str) -> dict:
+    """`SchedulerSettings` fields of a `--policies` entry: a policy name,
+    optionally with parameters, as in ``mars:threshold_iterations=1000``
+    (integers and floats are converted)."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"parameter {item!r} is not key=value")
+        params[key] = _number(value)
+    return {"policy": name, "policy_params": params}
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _trace_path(name: str) -> tuple[str, Path]:
