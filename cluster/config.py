@@ -163,6 +163,12 @@ class ServingConfig(BaseModel):
         repeated = sorted({n for n in tool_names if tool_names.count(n) > 1})
         if repeated:
             raise ValueError(f"tools: duplicate tool names {repeated}")
+        if self.http.ingress_replicas > 1 and self.state_store.url is None:
+            raise ValueError(
+                f"http.ingress_replicas is {self.http.ingress_replicas}, but sessions live in "
+                "each replica's own memory without state_store.url: give a Redis URL so every "
+                "replica sees every session"
+            )
         return self
 
     def resolved_pools(self) -> list[Pool]:

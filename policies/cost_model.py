@@ -21,6 +21,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from policies._arrays import Floats, Ints, first_negative
 
 DEFAULT_TOKEN_BUDGET = 384
@@ -84,7 +86,12 @@ class CostModel:
         bad = first_negative(tokens)
         if bad is not None:
             raise ValueError(f"tokens must be >= 0 tokens, got {bad!r}")
-        n_iter = -(-tokens // self.token_budget)
+        if isinstance(tokens, np.ndarray):
+            # Float division is exact for whole multiples and, unlike numpy's
+            # integer floor division, cheap: this runs for every waiting request.
+            n_iter = np.ceil(tokens / self.token_budget)
+        else:
+            n_iter = -(-tokens // self.token_budget)
         return n_iter * self.iter_fixed_s + self.iter_per_token_s * tokens
 
     def decode_time(self, tokens: Ints, batch_tokens: int = 1) -> Floats:
