@@ -55,19 +55,27 @@ def build_from_config(config: ServingConfig) -> Application:
                 max_ongoing_requests=1024,
             )
             engines[instance_id] = deployment.bind(
-                instance_id, engine_config(config, pool.name), tools
+                instance_id, engine_config(config, pool.name), tools, metrics=config.metrics
             )
     store = config.state_store.model_dump()
     scheduler = serve.deployment(
         GlobalScheduler, name="global-scheduler", num_replicas=1, max_ongoing_requests=4096
-    ).bind(engines, config.dispatch.model_dump(), store)
+    ).bind(engines, config.dispatch.model_dump(), store, metrics=config.metrics)
     ingress = serve.deployment(
         serve.ingress(app)(Ingress),
         name="ingress",
         num_replicas=config.http.ingress_replicas,
         max_ongoing_requests=1024,
     )
-    return ingress.bind(config.model.name, config.model.path, engines, scheduler, store)
+    return ingress.bind(
+        config.model.name,
+        config.model.path,
+        engines,
+        scheduler,
+        store,
+        engine_policy=config.policy.name,
+        metrics=config.metrics,
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:

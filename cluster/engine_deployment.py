@@ -8,32 +8,62 @@ directly), and Ray 2.60's LLM layer is tested against vLLM 0.29, not the
 
 Each instance is its own deployment (`engine-<instance id>`), so the global
 scheduler can address it, and later migrate from or to it.
+
+With metrics on, a background task publishes the instance's gauges
+(`cluster.metrics.EngineMetrics`) from its load snapshot every
+`METRICS_PERIOD_S`, whether or not requests arrive: the gauges describe the
+engine, not the traffic, and Ray drops a gauge that stops being set.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
+from cluster.logs import request_id, serve_logger
+from cluster.metrics import EngineMetrics
 from workers.async_engine import AsyncMarsEngine, ChunkEnd, TokenDelta
 from workers.engine import AugmentedRequest, EngineConfig, MarsEngine, Segment
 from workers.hints import SegmentHints
 from workers.tools import ToolCall, ToolRegistry, default_registry
 
 STARTUP_TIMEOUT_S = 600.0
+METRICS_PERIOD_S = 1.0
+"""How often the instance's gauges are set: at least once per Ray metrics
+report (every `metrics_report_interval_ms`, 10 s by default and never under
+1 s), since a report carries only the gauges set since the last one."""
+
+logger = serve_logger(__name__)
 
 
 class EngineInstance:
     """The deployment class; `cluster.app` wraps it with `serve.deployment`."""
 
-    def __init__(self, instance_id: str, engine_config: dict[str, Any], tools: list[dict]):
+    def __init__(
+        self,
+        instance_id: str,
+        engine_config: dict[str, Any],
+        tools: list[dict],
+        *,
+        metrics: bool,
+    ) -> None:
         self.instance_id = instance_id
         self._tools = _registry(tools)
         self._engine = AsyncMarsEngine(EngineConfig.model_validate(engine_config), self._tools)
         # The replica counts as started only once its engine has: Ray Serve
         # then routes nothing to it before, and `serve run` waits for it.
         self._engine.wait_started(timeout_s=STARTUP_TIMEOUT_S)
+        # Serve runs the constructor on the replica's event loop, which then
+        # serves its requests: the task lives as long as the replica.
+        self._metrics_task = (
+            asyncio.get_running_loop().create_task(
+                self._publish_metrics(EngineMetrics(instance_id))
+            )
+            if metrics
+            else None
+        )
 
     async def _ready(self) -> AsyncMarsEngine:
         return self._engine
@@ -53,27 +83,51 @@ class EngineInstance:
     ) -> AsyncIterator[dict[str, Any]]:
         """One client-driven chunk; streams {"tokens": [...]} then {"end": ...}."""
         engine = await self._ready()
-        async for event in engine.generate(
+        request = request_id()
+        # Turn start and end are DEBUG here: the ingress logs each turn at INFO.
+        logger.debug(
+            "turn start session=%s request=%s prompt_tokens=%d max_tokens=%d",
             session_id,
-            token_ids,
+            request,
+            len(token_ids),
             max_tokens,
-            hints=SegmentHints(**(hints or {})),
-            stop_token_ids=stop_token_ids or (),
-        ):
-            if isinstance(event, TokenDelta):
-                yield {"tokens": event.token_ids}
-            elif isinstance(event, ChunkEnd):
-                yield {
-                    "end": event.finish_reason,
-                    "state": event.state.value,
-                    "token_ids": event.token_ids,
-                }
+        )
+        try:
+            async for event in engine.generate(
+                session_id,
+                token_ids,
+                max_tokens,
+                hints=SegmentHints(**(hints or {})),
+                stop_token_ids=stop_token_ids or (),
+            ):
+                if isinstance(event, TokenDelta):
+                    yield {"tokens": event.token_ids}
+                elif isinstance(event, ChunkEnd):
+                    logger.debug(
+                        "turn end session=%s request=%s finish=%s tokens=%d state=%s",
+                        session_id,
+                        request,
+                        event.finish_reason,
+                        len(event.token_ids),
+                        event.state.value,
+                    )
+                    yield {
+                        "end": event.finish_reason,
+                        "state": event.state.value,
+                        "token_ids": event.token_ids,
+                    }
+        except Exception:
+            logger.exception("turn failed session=%s request=%s", session_id, request)
+            raise
 
     async def run_plan(
         self, session_id: str, prompt_token_ids: list[int], segments: list[dict[str, Any]]
     ) -> dict[str, Any]:
         """A session whose tool calls run here; returns its outputs and latencies."""
         engine = await self._ready()
+        logger.debug(
+            "plan start session=%s request=%s segments=%d", session_id, request_id(), len(segments)
+        )
         plan = AugmentedRequest(
             session_id,
             prompt_token_ids,
@@ -82,7 +136,11 @@ class EngineInstance:
                 for s in segments
             ],
         )
-        session = await engine.run_plan(plan)
+        try:
+            session = await engine.run_plan(plan)
+        except Exception:
+            logger.exception("plan failed session=%s request=%s", session_id, request_id())
+            raise
         return {
             "outputs": session.outputs,
             "ttft_s": session.ttft_s,
@@ -100,9 +158,22 @@ class EngineInstance:
         return await engine.call(lambda e: _session_info(e, session_id))
 
     async def load(self) -> dict[str, Any]:
+        """This instance's `InstanceLoad` fields (`MarsScheduler.load_snapshot`)."""
         engine = await self._ready()
         snapshot = await engine.call(lambda e: e.scheduler.load_snapshot())
         return {"instance_id": self.instance_id, **snapshot}
+
+    async def _publish_metrics(self, metrics: EngineMetrics) -> None:
+        """Refresh the instance's gauges every `METRICS_PERIOD_S` while the engine
+        lives (a dead engine fails its health check and Serve replaces the replica)."""
+        while self._engine.alive:
+            try:
+                metrics.publish(await self.load())
+            except Exception:
+                logger.warning(
+                    "instance=%s: metrics refresh failed", self.instance_id, exc_info=True
+                )
+            await asyncio.sleep(METRICS_PERIOD_S)
 
 
 def _session_info(engine: MarsEngine, session_id: str) -> dict[str, Any]:

@@ -4,26 +4,29 @@ One replica per application (a Ray actor under Ray Serve). It keeps no
 session state of its own: affinity comes from the state store on every
 placement, so a restart loses nothing. Instance loads are pulled from the
 engines and reused for `load_ttl_s`; the decision itself is a pure policy
-from `policies.dispatch`.
+from `policies.dispatch`. Each decision is logged with its session and
+request, and counted in ``mars_dispatch_decisions`` when metrics are on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import time
 from typing import Any
 
+from cluster.logs import request_id, serve_logger
+from cluster.metrics import DispatchMetrics, dispatch_reason
 from cluster.state_store import UnknownSession, make_state_store
 from policies import (
     DispatchRequest,
     DispatchState,
     InstanceLoad,
+    NoInstanceAvailable,
     make_dispatch_policy,
 )
 
-logger = logging.getLogger(__name__)
+logger = serve_logger(__name__)
 
 LOAD_TIMEOUT_S = 5.0
 
@@ -36,6 +39,8 @@ class GlobalScheduler:
         engines: dict[str, Any],
         dispatch: dict[str, Any],
         state_store: dict[str, Any],
+        *,
+        metrics: bool,
         load_ttl_s: float = 0.1,
     ) -> None:
         self._engines = engines
@@ -47,6 +52,7 @@ class GlobalScheduler:
         self._loads_at = float("-inf")
         self._lock = asyncio.Lock()
         self.decisions: collections.Counter[str] = collections.Counter()
+        self._metrics = DispatchMetrics(dispatch["policy"]) if metrics else None
 
     async def place(self, session_id: str | None, prompt_tokens: int) -> dict[str, str]:
         """The instance for a new chunk of `session_id` (affinity first)."""
@@ -60,9 +66,26 @@ class GlobalScheduler:
         async with self._lock:
             loads = await self._fresh_loads()
             request = DispatchRequest(session_id, prompt_tokens, affinity)
-            decision, self._state = self._policy.choose(request, loads, self._state)
+            try:
+                decision, self._state = self._policy.choose(request, loads, self._state)
+            except NoInstanceAvailable as exc:
+                logger.error(
+                    "placement failed session=%s request=%s: %s", session_id, request_id(), exc
+                )
+                raise
         self.decisions[decision.instance_id] += 1
-        logger.info("session %s -> %s (%s)", session_id, decision.instance_id, decision.reason)
+        if self._metrics is not None:
+            self._metrics.record(
+                decision.instance_id, dispatch_reason(affinity, decision.instance_id)
+            )
+        logger.info(
+            "placed session=%s request=%s instance=%s affinity=%s reason=%s",
+            session_id,
+            request_id(),
+            decision.instance_id,
+            affinity,
+            decision.reason,
+        )
         return {"instance_id": decision.instance_id, "reason": decision.reason}
 
     async def loads(self) -> list[dict[str, Any]]:

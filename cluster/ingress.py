@@ -7,13 +7,16 @@ its instance, and the next request of the session sends only the new
 messages (typically the tool's result). Without a session id, a request is a
 one-turn session closed after the response. `mars.plan` runs a whole
 session with server-side tools.
+
+Each turn is logged at start and end (and on failure) with its session and
+Serve request id, and its latency is recorded here (`cluster.metrics` says
+why here) when metrics are on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,10 +28,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from cluster.logs import request_id, serve_logger
+from cluster.metrics import IngressMetrics, TurnTiming
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, _Common
 from cluster.state_store import SessionRecord, SessionState, UnknownSession, make_state_store
 
-logger = logging.getLogger(__name__)
+logger = serve_logger(__name__)
 
 app = FastAPI(title="mars-serve")
 
@@ -77,6 +82,9 @@ class Ingress:
         engines: dict[str, Any],
         scheduler: Any,
         state_store: dict[str, Any],
+        *,
+        engine_policy: str,
+        metrics: bool,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -85,6 +93,7 @@ class Ingress:
         self._engines = engines
         self._scheduler = scheduler
         self._store = make_state_store(state_store.get("url"), state_store["session_ttl_s"])
+        self.metrics = IngressMetrics(engine_policy) if metrics else None
 
     # ------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -106,13 +115,15 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
+        started_s = time.monotonic()
         body = await self._parse(request, ChatCompletionRequest)
-        return await self._serve(request, body, chat=True)
+        return await self._serve(request, body, started_s, chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
+        started_s = time.monotonic()
         body = await self._parse(request, CompletionRequest)
-        return await self._serve(request, body, chat=False)
+        return await self._serve(request, body, started_s, chat=False)
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str) -> dict[str, Any]:
@@ -187,8 +198,30 @@ class Ingress:
             ids = ids[1:]  # the session already holds its start
         return list(ids)
 
-    async def _serve(self, request: Request, body: _Common, *, chat: bool):
+    async def _serve(self, request: Request, body: _Common, started_s: float, *, chat: bool):
+        """Serve one turn; `started_s` is when the request reached the ingress
+        (monotonic), where its latency is measured from."""
         session_id, ephemeral = self._session_id(request, body)
+        try:
+            return await self._start_turn(body, session_id, ephemeral, started_s, chat=chat)
+        except ApiError as exc:
+            logger.warning(
+                "turn rejected session=%s request=%s status=%d: %s",
+                session_id,
+                request_id(),
+                exc.status,
+                exc.message,
+            )
+            raise
+        except Exception:
+            logger.exception("turn failed session=%s request=%s", session_id, request_id())
+            raise
+
+    async def _start_turn(
+        self, body: _Common, session_id: str, ephemeral: bool, started_s: float, *, chat: bool
+    ):
+        """Place the turn and start it on its engine; the response (or its
+        stream) ends the turn."""
         existing = None
         if not ephemeral:
             try:
@@ -203,9 +236,23 @@ class Ingress:
                 param="session_id",
             )
         token_ids = self._tokens(body, chat=chat, continuing=existing is not None)
-        placed = await self._scheduler.place.remote(session_id, len(token_ids))
-        instance_id = placed["instance_id"]
+        if existing is not None:
+            # The session's KV (preserved, swapped or to recompute) lives on its
+            # instance: every later turn goes there, whatever the placement policy.
+            instance_id = existing.instance_id
+        else:
+            placed = await self._scheduler.place.remote(session_id, len(token_ids))
+            instance_id = placed["instance_id"]
         engine = self._engines[instance_id]
+        logger.info(
+            "turn start session=%s request=%s instance=%s prompt_tokens=%d stream=%s plan=%s",
+            session_id,
+            request_id(),
+            instance_id,
+            len(token_ids),
+            body.stream,
+            body.mars.plan is not None,
+        )
         if body.mars.plan is not None:
             return await self._run_plan(engine, session_id, token_ids, body, chat=chat)
         await self._mark_generating(existing, session_id, instance_id)
@@ -217,7 +264,9 @@ class Ingress:
             {k: v for k, v in hints.items() if v is not None},
             [*body.stop_token_ids, *body.mars.tool_call_token_ids],
         )
-        turn = _Turn(self, body, session_id, instance_id, ephemeral, chat, len(token_ids))
+        turn = _Turn(
+            self, body, session_id, instance_id, ephemeral, chat, len(token_ids), started_s
+        )
         if body.stream:
             return StreamingResponse(turn.sse(events), media_type="text/event-stream")
         return await turn.complete(events)
@@ -263,6 +312,14 @@ class Ingress:
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         mars = {"ttft_s": result["ttft_s"], "e2e_s": result["e2e_s"], "segments": len(plan)}
+        logger.info(
+            "plan end session=%s request=%s segments=%d completion_tokens=%d e2e_s=%.3f",
+            session_id,
+            request_id(),
+            len(plan),
+            usage["completion_tokens"],
+            result["e2e_s"],
+        )
         return _response(body, session_id, text, "stop", usage, chat=chat, mars=mars)
 
     def decode(self, token_ids: list[int]) -> str:
@@ -270,14 +327,46 @@ class Ingress:
 
 
 class _Turn:
-    """One request's turn: relays engine events as an OpenAI response."""
+    """One request's turn: relays engine events as an OpenAI response, and
+    times it (`cluster.metrics.TurnTiming`)."""
 
-    def __init__(self, ingress, body, session_id, instance_id, ephemeral, chat, prompt_tokens):
+    def __init__(
+        self, ingress, body, session_id, instance_id, ephemeral, chat, prompt_tokens, started_s
+    ):
         self.ingress, self.body, self.session_id = ingress, body, session_id
         self.instance_id, self.ephemeral, self.chat = instance_id, ephemeral, chat
         self.prompt_tokens = prompt_tokens
         self.created = int(time.time())
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.request_id = request_id()
+        self.started_s = started_s
+        self.first_token_s: float | None = None
+
+    def _tokens_arrived(self) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.monotonic()
+
+    async def _finish(self, end: dict[str, Any]) -> None:
+        """The turn is over: pause or close the session, record its latency,
+        log it."""
+        await self.ingress._end_turn(self, end)
+        timing = TurnTiming(
+            self.started_s, self.first_token_s, time.monotonic(), len(end["token_ids"])
+        )
+        if self.ingress.metrics is not None:
+            self.ingress.metrics.observe_turn(self.instance_id, timing)
+        logger.info(
+            "turn end session=%s request=%s response=%s instance=%s finish=%s "
+            "completion_tokens=%d ttft_s=%s e2e_s=%.3f",
+            self.session_id,
+            self.request_id,
+            self.id,
+            self.instance_id,
+            self._finish_reason(end),
+            timing.output_tokens,
+            "-" if timing.ttft_s is None else f"{timing.ttft_s:.3f}",
+            timing.e2e_s,
+        )
 
     def _finish_reason(self, end: dict[str, Any]) -> str:
         last = end["token_ids"][-1:] or [None]
@@ -296,9 +385,11 @@ class _Turn:
     async def complete(self, events) -> JSONResponse:
         end = None
         async for event in events:
-            if "end" in event:
+            if "tokens" in event:
+                self._tokens_arrived()
+            elif "end" in event:
                 end = event
-        await self.ingress._end_turn(self, end)
+        await self._finish(end)
         text = self.ingress.decode(end["token_ids"])
         return _response(
             self.body,
@@ -315,12 +406,18 @@ class _Turn:
         try:
             async for event in events:
                 if "tokens" in event:
+                    self._tokens_arrived()
                     yield _sse(self._chunk(self.ingress.decode(event["tokens"]), None))
                 elif "end" in event:
-                    await self.ingress._end_turn(self, event)
+                    await self._finish(event)
                     yield _sse(self._chunk("", self._finish_reason(event)))
         except Exception as exc:  # the stream has started: report in-band
-            logger.exception("session %s: stream failed", self.session_id)
+            logger.exception(
+                "turn failed session=%s request=%s instance=%s: stream broke",
+                self.session_id,
+                self.request_id,
+                self.instance_id,
+            )
             yield _sse({"error": {"message": str(exc), "type": "server_error"}})
         yield "data: [DONE]\n\n"
 

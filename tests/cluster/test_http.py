@@ -4,6 +4,7 @@ instances on CPU, Redis for sessions, and the `openai` client."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import urllib.request
 from pathlib import Path
@@ -166,6 +167,104 @@ def test_errors_follow_openai_shape(server: str, client) -> None:
     # The server still serves after bad input.
     ok = client.completions.create(model=MODEL, prompt="still here", max_tokens=3)
     assert ok.choices[0].finish_reason == "length"
+
+
+Sample = tuple[str, dict[str, str], float]
+
+
+_SAMPLE = re.compile(r"^(?P<name>ray_mars_\w+)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _metric_samples() -> list[Sample]:
+    """The ``ray_mars_*`` samples that the local Ray node exports in
+    Prometheus text format, as (sample name, labels, value). Only our lines
+    are parsed: the node's other metrics are Ray's business."""
+    import ray
+
+    node = ray.nodes()[0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            labels = dict(_LABEL.findall(match["labels"] or ""))
+            samples.append((match["name"], labels, float(match["value"])))
+    return samples
+
+
+def _total(samples: list[Sample], name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(
+        value
+        for sample, tags, value in samples
+        if sample == name and all(tags.get(k) == v for k, v in labels.items())
+    )
+
+
+def _label_values(samples: list[Sample], name: str, label: str) -> set[str | None]:
+    return {tags.get(label) for sample, tags, _ in samples if sample == name}
+
+
+def test_metrics_reach_prometheus(client) -> None:
+    """After a few turns, the node's Prometheus endpoint shows the mars_
+    metrics (Ray exports them as ``ray_mars_*``) with plausible values."""
+    import time
+
+    session = {"X-Session-Id": "metrics-1"}
+    for content in ("first turn", "tool result"):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=4,
+            extra_headers=session,
+        )
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "stream"}], max_tokens=4, stream=True
+    )
+    assert list(stream)
+    turns = 3
+    placements = 2  # new sessions; a session's later turns go straight to its instance
+    instances = {"default-0", "default-1"}
+
+    # Workers report to the node's metrics agent every few seconds.
+    deadline = time.monotonic() + 120
+    while True:
+        samples = _metric_samples()
+        ready = (
+            _total(samples, "ray_mars_ttft_seconds_count") >= turns
+            and _total(samples, "ray_mars_dispatch_decisions_total") >= placements
+            and instances <= _label_values(samples, "ray_mars_kv_capacity_blocks", "instance")
+            and _total(samples, "ray_mars_paused_sessions") >= 1
+        )
+        if ready or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    names = sorted({name for name, _, _ in samples if name.startswith("ray_mars_")})
+
+    for histogram in ("ttft_seconds", "e2e_latency_seconds", "time_per_output_token_seconds"):
+        count = _total(samples, f"ray_mars_{histogram}_count", policy="mars")
+        assert count >= turns, (histogram, count, names)
+        assert _label_values(samples, f"ray_mars_{histogram}_count", "instance") <= instances
+    assert _total(samples, "ray_mars_e2e_latency_seconds_sum") > 0
+
+    decisions = "ray_mars_dispatch_decisions_total"
+    assert _total(samples, decisions, policy="mars_aware") >= placements, names
+    assert _label_values(samples, decisions, "reason") <= {"new", "affinity", "moved"}
+
+    for instance in instances:
+        blocks = _total(samples, "ray_mars_kv_capacity_blocks", instance=instance)
+        used = _total(samples, "ray_mars_kv_used_blocks", instance=instance)
+        assert 0 < blocks <= 64 and 0 <= used <= blocks, (instance, blocks, used)
+        assert 0 <= _total(samples, "ray_mars_kv_usage_ratio", instance=instance) <= 1
+        for gauge in ("ray_mars_requests_waiting", "ray_mars_requests_running"):
+            assert instance in _label_values(samples, gauge, "instance"), (gauge, names)
+    paused = "ray_mars_paused_sessions"
+    assert _label_values(samples, paused, "strategy") == {"preserve", "discard", "swap"}
+    # metrics-1 (and earlier tests' sessions) wait paused on their instances.
+    assert _total(samples, paused) >= 1
 
 
 def test_session_survives_a_global_scheduler_restart(client, redis_url: str) -> None:
