@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 MODEL  := models/tiny
 
-.PHONY: install model demo test lint bench-engine bench-overhead clean
+.PHONY: install model up down demo test lint bench-engine bench-http bench-overhead clean
 
 # Everything the project needs, into .venv (re-run is cheap: pip skips what is there).
 install: $(VENV)/.installed
@@ -21,7 +21,17 @@ $(VENV)/.installed: pyproject.toml
 model: install
 	$(VENV)/bin/mars-serve model build --out $(MODEL)
 
-# Main job: a short augmented workload through the MARS engine, per-policy table.
+# Main command: a local Ray cluster serving configs/serve/local-cpu.yaml (two
+# MARS engine instances), then a chat and a tool-call session through the
+# openai client. The cluster keeps running; `make down` stops it.
+up: model
+	$(VENV)/bin/mars-serve up configs/serve/local-cpu.yaml
+	$(PY) examples/openai_client.py --base-url http://127.0.0.1:8000/v1
+
+down: install
+	$(VENV)/bin/mars-serve down
+
+# The engine-level demo: a short augmented workload through the MARS engine, per-policy table.
 demo: model
 	$(PY) -m bench.engine_bench --quick --model $(MODEL)
 
@@ -34,6 +44,12 @@ lint: install
 
 bench-engine: model
 	$(PY) -m bench.engine_bench --model $(MODEL)
+
+# The trace replay over HTTP against two engine instances (Ray Serve, Redis),
+# one fresh application per dispatch/engine-policy pair, plus the ingress
+# overhead probe (~15 min on 2 CPUs; `--quick` for a few minutes).
+bench-http: model
+	$(PY) -m bench.http_bench
 
 bench-overhead: install
 	$(PY) -m bench.sched_overhead --n 1000 --iters 200
