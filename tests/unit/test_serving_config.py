@@ -97,5 +97,5 @@ def test_engine_settings_merge_keeps_unset_fields() -> None:
 def test_several_ingress_replicas_need_a_shared_state_store(tmp_path) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text("model: {path: m, recipe: r.yaml}\nhttp: {ingress_replicas: 2}\n")
-    with pytest.raises(ConfigError, match="state_store.url"):
+    with pytest.raises(ConfigError, match=r"state_store\.url"):
         load_serving_config(path)
