@@ -53,9 +53,7 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -697,48 +695,14 @@ def redis_server(url: str | None) -> Iterator[str]:
     if url is not None:
         yield url
         return
-    import redis
+    from cluster.local_redis import RedisUnavailable, local_redis_server
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError(
-            "redis-server is not installed (apt-get install redis-server), "
-            "or pass --redis-url redis://host:port/db"
-        )
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="http-bench-redis-") as workdir:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            url = f"redis://127.0.0.1:{port}/0"
-            client = redis.Redis.from_url(url)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        raise RuntimeError(f"redis-server did not start on port {port}") from None
-                    time.sleep(0.05)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+            with local_redis_server(Path(workdir)) as started:
+                yield started
+        except RedisUnavailable as exc:
+            raise RuntimeError(f"{exc}; or pass --redis-url redis://host:port/db") from None
 
 
 def _wait_ready(url: str, timeout_s: float) -> list[str]:

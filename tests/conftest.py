@@ -28,40 +28,10 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory):
     """A real redis-server of our own on a free port (never the machine's 6379)."""
-    import shutil
-    import socket
-    import subprocess
-    import time
+    from cluster.local_redis import RedisUnavailable, local_redis_server
 
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
     try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+        with local_redis_server(tmp_path_factory.mktemp("redis")) as url:
+            yield url
+    except RedisUnavailable as exc:
+        pytest.fail(str(exc))
