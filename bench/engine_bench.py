@@ -1,21 +1,25 @@
 """Engine-level benchmark: replay INFERCEPT traces through `MarsEngine` under
 each engine policy and compare end-to-end latency and time to first token.
 
-For each trace x load (requests/s) x policy, one run: a fresh engine (the
-policy is fixed at start-up) with a capped KV cache, the same sampled
-requests arriving at the same Poisson offsets, tools emulated server-side
+For each trace x seed x load (requests/s) x policy, one run: a fresh engine
+(the policy is fixed at start-up) with a capped KV cache, the seed's sampled
+requests arriving at the seed's Poisson offsets (the same for every policy,
+so policies compare seed by seed), tools emulated server-side
 (`ToolCall(tool="emulated")`: sleep for the scaled API time, return the
 scaled number of result tokens). Each run lives in its own spawned process,
 so one engine's process-wide vLLM state never leaks into the next and a
-crash costs one row, not the sweep.
+crash costs one row, not the sweep. Seeds are the outer loop, so a sweep cut
+short still holds whole seeds.
 
     python -m bench.engine_bench --quick
-    python -m bench.engine_bench --traces multi_api --loads 0.5 1 2 \\
+    python -m bench.engine_bench --traces multi_api --loads 0.5 1 2 --seeds 0 1 2 \\
         --max-requests 24 --token-scale 0.25 --api-scale 0.1 --kv-blocks 40
 
-Writes `docs/results/engine_<trace>.json` and `.png` (`quick_<trace>.*` for
-`--quick`). Sessions still running at `--max-seconds` are counted as
-unfinished in the row and the table, never dropped silently.
+Writes `docs/results/engine_<trace>.json` (one row per run, every seed),
+`engine_<trace>_summary.json` (one row per load x policy: means over seeds,
+spread, and MARS against each other policy seed by seed) and `.png`
+(`quick_<trace>*` for `--quick`). Sessions still running at `--max-seconds`
+are counted as unfinished in the row and the table, never dropped silently.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -58,6 +63,9 @@ REQUIRED_KEYS = (
     "ttft_p99_s",
     "completed",
 )
+LATENCY_KEYS = ("e2e_mean_s", "e2e_p99_s", "ttft_mean_s", "ttft_p99_s")
+SPREAD_KEYS = ("e2e_mean_s", "ttft_p99_s")
+"""Keys whose min, max and sample std over seeds the summary reports (and plots)."""
 
 
 @dataclass
@@ -327,6 +335,7 @@ def run_isolated(spec: RunSpec) -> dict:
         "api_scale": spec.api_scale,
         "kv_blocks": spec.kv_blocks,
         "machine": machine_description(),
+        **spec.extra,
     }
 
 
@@ -396,16 +405,20 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    """One line per run; a seed column only when the runs span several seeds."""
+    several = len({r["seed"] for r in rows}) > 1
+    seed_header = f"{'seed':>4} " if several else ""
     header = (
-        f"{'load':>5} {'policy':<10} {'done':>7} {'e2e mean':>9} {'e2e p99':>8} "
+        f"{'load':>5} {seed_header}{'policy':<10} {'done':>7} {'e2e mean':>9} {'e2e p99':>8} "
         f"{'ttft mean':>9} {'ttft p99':>8} {'preempt':>7} {'recomp tok':>10} "
         f"{'discards':>8} {'swaps':>5} {'queued':>6} {'held':>5}"
     )
     lines = [header, "-" * len(header)]
-    for r in sorted(rows, key=lambda r: (r["load_rps"], r["policy"])):
+    for r in sorted(rows, key=lambda r: (r["load_rps"], r["seed"], r["policy"])):
         done = f"{r['completed']}/{r.get('requests', '?')}"
+        seed = f"{r['seed']:>4} " if several else ""
         lines.append(
-            f"{r['load_rps']:>5g} {r['policy']:<10} {done:>7} {_fmt(r['e2e_mean_s']):>9} "
+            f"{r['load_rps']:>5g} {seed}{r['policy']:<10} {done:>7} {_fmt(r['e2e_mean_s']):>9} "
             f"{_fmt(r['e2e_p99_s']):>8} {_fmt(r['ttft_mean_s']):>9} {_fmt(r['ttft_p99_s']):>8} "
             f"{r.get('preemptions', '-')!s:>7} {r.get('recompute_tokens', '-')!s:>10} "
             f"{r.get('discards', '-')!s:>8} {r.get('swaps', '-')!s:>5} "
@@ -415,20 +428,135 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+# ------------------------------------------------------------ over seeds
+def _measured(row: dict) -> bool:
+    """Whether a run has latencies to average: no error and every latency set
+    (a run that finished no session has None). Others count as failed runs."""
+    return not row.get("error") and all(row.get(key) is not None for key in LATENCY_KEYS)
+
+
+def paired_reductions(
+    rows: list[dict], ours: str = "mars"
+) -> dict[tuple[str, float], dict[str, dict]]:
+    """`ours`'s mean E2E against every other policy, seed by seed, per (trace,
+    load). All policies of one seed replay the same requests at the same
+    arrivals, so the per-seed ratio cancels how hard that seed's sample is,
+    which dominates the spread of the plain means. Only seeds where both runs
+    were measured count.
+
+    Returns {(trace, load_rps): {"e2e_vs_<policy>": {"seeds": [...],
+    "per_seed": [ours / other E2E, one per seed], "mean_reduction": 1 - mean
+    ratio, "wins": seeds where ours is lower}}}."""
+    e2e = {
+        (r["trace"], r["load_rps"], r["policy"], r["seed"]): r["e2e_mean_s"]
+        for r in rows
+        if _measured(r)
+    }
+    paired: dict[tuple[str, float], dict[str, dict]] = {}
+    for (trace, load, policy, seed), theirs in sorted(e2e.items()):
+        mine = e2e.get((trace, load, ours, seed))
+        if policy == ours or mine is None:
+            continue
+        entry = paired.setdefault((trace, load), {}).setdefault(
+            f"e2e_vs_{policy}", {"seeds": [], "per_seed": []}
+        )
+        entry["seeds"].append(seed)
+        entry["per_seed"].append(mine / theirs)
+    for comparisons in paired.values():
+        for entry in comparisons.values():
+            ratios = entry["per_seed"]
+            entry["mean_reduction"] = 1 - sum(ratios) / len(ratios)
+            entry["wins"] = sum(ratio < 1 for ratio in ratios)
+    return paired
+
+
+def summarize(rows: list[dict], ours: str = "mars") -> list[dict]:
+    """One row per (trace, load_rps, policy) over its seeds, so one lucky or
+    unlucky sample no longer decides a comparison.
+
+    Latency keys: means over the measured runs (failed ones, see `_measured`,
+    are left out and counted in `failed_runs`); `seeds` and `runs`: the
+    measured ones. `completed` and `requests`: totals over every run, failed
+    included, so a crash shows as unfinished work. `<key>_min`, `_max`, `_std`
+    (sample std, None below two runs) for each of SPREAD_KEYS. `ours`'s rows
+    also carry `paired_reductions`' entries for their (trace, load)."""
+    cells: dict[tuple[str, float, str], list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["trace"], row["load_rps"], row["policy"]), []).append(row)
+    paired = paired_reductions(rows, ours)
+    summary = []
+    for (trace, load, policy), runs in sorted(cells.items()):
+        measured = [r for r in runs if _measured(r)]
+        row: dict = {"trace": trace, "load_rps": load, "policy": policy}
+        row.update({key: _mean([r[key] for r in measured]) for key in LATENCY_KEYS})
+        row["completed"] = sum(r["completed"] for r in runs)
+        row["requests"] = sum(r["requests"] for r in runs)
+        row["seeds"] = sorted(r["seed"] for r in measured)
+        row["runs"] = len(measured)
+        row["failed_runs"] = len(runs) - len(measured)
+        for key in SPREAD_KEYS:
+            values = [r[key] for r in measured]
+            row[f"{key}_min"] = min(values, default=None)
+            row[f"{key}_max"] = max(values, default=None)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        if policy == ours:
+            row.update(paired.get((trace, load), {}))
+        summary.append(row)
+    return summary
+
+
+def format_summary(summary: list[dict]) -> str:
+    """One line per load x policy: measured/all runs, E2E mean ± std and
+    min-max over seeds, mean P99 TTFT, and for MARS its paired E2E change
+    against each other policy with the seeds where it is lower."""
+    header = (
+        f"{'load':>5} {'policy':<10} {'runs':>5} {'done':>9} {'e2e mean ± std':>15} "
+        f"{'e2e min-max':>13} {'ttft p99':>8}  paired e2e change (seeds lower)"
+    )
+    lines = [header, "-" * len(header)]
+    for r in sorted(summary, key=lambda r: (r["load_rps"], r["policy"])):
+        runs = f"{r['runs']}/{r['runs'] + r['failed_runs']}"
+        done = f"{r['completed']}/{r['requests']}"
+        std = r["e2e_mean_s_std"]
+        e2e = _fmt(r["e2e_mean_s"]) + ("" if std is None else f" ± {std:.2f}")
+        spread = f"{_fmt(r['e2e_mean_s_min'])}-{_fmt(r['e2e_mean_s_max'])}"
+        paired = ", ".join(
+            f"vs {key.removeprefix('e2e_vs_')} {-100 * c['mean_reduction']:+.1f}% "
+            f"({c['wins']}/{len(c['seeds'])})"
+            for key, c in sorted(r.items())
+            if key.startswith("e2e_vs_")
+        )
+        lines.append(
+            f"{r['load_rps']:>5g} {r['policy']:<10} {runs:>5} {done:>9} {e2e:>15} "
+            f"{spread:>13} {_fmt(r['ttft_p99_s']):>8}  {paired}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    """Summary rows against load; bars span min-max over seeds when a point
+    has several runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for policy in sorted({r["policy"] for r in rows}):
-        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["load_rps"])
-        for ax, key in zip(axes, ("e2e_mean_s", "ttft_p99_s"), strict=True):
-            points = [(r["load_rps"], r[key]) for r in mine if r[key] is not None]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=policy)
+    for policy in sorted({r["policy"] for r in summary}):
+        mine = sorted((r for r in summary if r["policy"] == policy), key=lambda r: r["load_rps"])
+        for ax, key in zip(axes, SPREAD_KEYS, strict=True):
+            points = [r for r in mine if r[key] is not None]
+            if not points:
+                continue
+            ys = [r[key] for r in points]
+            yerr = None
+            if any(r["runs"] > 1 for r in points):
+                yerr = [
+                    [y - r[f"{key}_min"] for y, r in zip(ys, points, strict=True)],
+                    [r[f"{key}_max"] - y for y, r in zip(ys, points, strict=True)],
+                ]
+            xs = [r["load_rps"] for r in points]
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=policy)
     axes[0].set_title("mean end-to-end latency")
     axes[1].set_title("P99 time to first token")
     for ax in axes:
@@ -471,7 +599,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-scale", type=float, default=0.25)
     p.add_argument("--api-scale", type=float, default=0.1)
     p.add_argument("--max-requests", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        "--seed",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="each seed samples its own requests and arrivals; every cell runs once per seed",
+    )
     p.add_argument("--max-seconds", type=float, default=180.0, help="replay cap per run")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "results"))
     p.add_argument("--no-progress", action="store_true")
@@ -502,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-seconds must be > 0")
     if any(load <= 0 for load in args.loads):
         p.error("--loads must all be > 0")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error("--seeds must be distinct")
     from policies import make_engine_policy
 
     for policy in args.policies:
@@ -565,29 +702,39 @@ def main(argv: list[str] | None = None) -> int:
     prefix = "quick" if args.quick else "engine"
     for trace in args.traces:
         name, path = _trace_path(trace)
-        requests, dropped = build_workload(
-            load_trace(path, count_tokens),
-            token_scale=args.token_scale,
-            api_scale=args.api_scale,
-            max_requests=args.max_requests,
-            max_total_tokens=limit,
-            seed=args.seed,
-        )
-        longest = max(r.total_tokens for r in requests)
+        trace_requests = load_trace(path, count_tokens)
+        workloads: dict[int, list[TraceRequest]] = {}
+        for seed in args.seeds:
+            # `dropped` is the same for every seed: the drop comes before sampling.
+            workloads[seed], dropped = build_workload(
+                trace_requests,
+                token_scale=args.token_scale,
+                api_scale=args.api_scale,
+                max_requests=args.max_requests,
+                max_total_tokens=limit,
+                seed=seed,
+            )
+        # One engine shape for every run of the trace: room for the longest
+        # request of any seed.
+        longest = max(r.total_tokens for requests in workloads.values() for r in requests)
         max_model_len = min(
             MODEL_MAX_POSITIONS,
             usable_tokens,
             math.ceil((longest + BLOCK_SIZE) / BLOCK_SIZE) * BLOCK_SIZE,
         )
-        calls = sum(r.num_calls for r in requests)
+        num_requests = len(workloads[args.seeds[0]])
         print(
-            f"\n== {name}: {len(requests)} requests ({dropped} longer than {limit} tokens "
-            f"left out before sampling), {calls} API calls, mean context "
-            f"{sum(r.total_tokens for r in requests) / len(requests):.0f} tokens, "
-            f"KV {args.kv_blocks} blocks = {args.kv_blocks * BLOCK_SIZE} tokens, "
-            f"max_model_len {max_model_len}",
+            f"\n== {name}: {num_requests} requests per seed ({dropped} longer than {limit} "
+            f"tokens left out before sampling), KV {args.kv_blocks} blocks = "
+            f"{args.kv_blocks * BLOCK_SIZE} tokens, max_model_len {max_model_len}",
             flush=True,
         )
+        for seed, requests in workloads.items():
+            print(
+                f"   seed {seed}: {sum(r.num_calls for r in requests)} API calls, mean context "
+                f"{sum(r.total_tokens for r in requests) / len(requests):.0f} tokens",
+                flush=True,
+            )
         cost = args.cost or measure_costs(str(model), args.kv_blocks, max_model_len)
         print(
             "   cost model for every run: "
@@ -596,48 +743,64 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         rows = []
-        for load in args.loads:
-            offsets = arrivals(len(requests), load, args.seed)
-            for policy in args.policies:
-                spec = RunSpec(
-                    trace=name,
-                    load_rps=load,
-                    policy=policy,
-                    requests=requests,
-                    offsets=offsets,
-                    model=str(model),
-                    kv_blocks=args.kv_blocks,
-                    max_model_len=max_model_len,
-                    host_swap_tokens=args.host_swap_tokens,
-                    predictor=args.predictor,
-                    max_seconds=args.max_seconds,
-                    token_scale=args.token_scale,
-                    api_scale=args.api_scale,
-                    cost=cost,
-                    progress=not args.no_progress,
-                    extra={"dropped_too_long": dropped, "seed": args.seed},
-                )
-                t = time.monotonic()
-                row = run_isolated(spec)
-                row["run_wall_s"] = time.monotonic() - t
-                rows.append(row)
-                print(
-                    f"   {policy:<10} load {load:g}: {row['completed']}/{len(requests)} done, "
-                    f"{row['run_wall_s']:.0f} s wall",
-                    flush=True,
-                )
-                _write(out_dir, prefix, name, rows)
+        for seed, requests in workloads.items():
+            for load in args.loads:
+                offsets = arrivals(len(requests), load, seed)
+                for policy in args.policies:
+                    spec = RunSpec(
+                        trace=name,
+                        load_rps=load,
+                        policy=policy,
+                        requests=requests,
+                        offsets=offsets,
+                        model=str(model),
+                        kv_blocks=args.kv_blocks,
+                        max_model_len=max_model_len,
+                        host_swap_tokens=args.host_swap_tokens,
+                        predictor=args.predictor,
+                        max_seconds=args.max_seconds,
+                        token_scale=args.token_scale,
+                        api_scale=args.api_scale,
+                        cost=cost,
+                        progress=not args.no_progress,
+                        extra={"dropped_too_long": dropped, "seed": seed},
+                    )
+                    t = time.monotonic()
+                    row = run_isolated(spec)
+                    row["run_wall_s"] = time.monotonic() - t
+                    rows.append(row)
+                    print(
+                        f"   seed {seed} {policy:<10} load {load:g}: "
+                        f"{row['completed']}/{len(requests)} done, {row['run_wall_s']:.0f} s wall",
+                        flush=True,
+                    )
+                    _write(out_dir, prefix, name, rows)
+        summary = summarize(rows)
         print(f"\n{name} (completed / requests; seconds):\n{format_table(rows)}", flush=True)
-        json_path, png_path = _write(out_dir, prefix, name, rows)
-        plot(rows, png_path, f"{name}: {len(requests)} requests, KV {args.kv_blocks} blocks")
-        print(f"wrote {json_path} and {png_path}", flush=True)
+        print(
+            f"\n{name} over seeds {' '.join(map(str, args.seeds))} (runs: measured / all; "
+            "paired: mean over seeds of mars's E2E / the other's - 1, and the seeds where "
+            f"mars is lower):\n{format_summary(summary)}",
+            flush=True,
+        )
+        png_path = out_dir / f"{prefix}_{name}.png"
+        bars = ", bars min-max over seeds" if len(args.seeds) > 1 else ""
+        plot(
+            summary,
+            png_path,
+            f"{name}: {num_requests} requests, KV {args.kv_blocks} blocks, "
+            f"seeds {' '.join(map(str, args.seeds))}{bars}",
+        )
+        print(f"wrote {out_dir / prefix}_{name}.json, _summary.json and .png", flush=True)
     return 0
 
 
-def _write(out_dir: Path, prefix: str, name: str, rows: list[dict]) -> tuple[Path, Path]:
-    json_path = out_dir / f"{prefix}_{name}.json"
-    json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    return json_path, out_dir / f"{prefix}_{name}.png"
+def _write(out_dir: Path, prefix: str, name: str, rows: list[dict]) -> None:
+    """Write the per-run rows and their summary; called after every run, so a
+    sweep cut short keeps what it measured."""
+    for suffix, content in (("", rows), ("_summary", summarize(rows))):
+        path = out_dir / f"{prefix}_{name}{suffix}.json"
+        path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
