@@ -32,7 +32,7 @@ The overhead probe (first configuration and load, before its replay) sends
 `--overhead-requests` one-token requests at the benchmark's arrival rate,
 one at a time, each twice: over HTTP (proxy, ingress, state store, global
 scheduler, engine) and straight to the engine deployment the HTTP request
-landed on (its `DeploymentHandle`: `generate` then `close`, the engine work
+landed on (its `DeploymentHandle`: `generate(close=True)`, the engine work
 the ingress does for a one-turn request), alternating which goes first.
 
     python -m bench.http_bench --quick
@@ -76,6 +76,7 @@ from bench.engine_bench import (
 )
 from bench.workload import TraceRequest, arrivals, build_workload, load_trace
 from cluster.config import ServingConfig, load_serving_config
+from cluster.serve_env import serve_env
 
 CLUSTER_KEYS = (*REQUIRED_KEYS, "dispatch")
 """Keys every row has: the engine benchmark's, plus the dispatch policy."""
@@ -781,10 +782,9 @@ async def measure_overhead(
         engine = engines[instance_id]
         start = time.perf_counter()
         async for _ in engine.options(stream=True).generate.remote(
-            session_id, token_ids, 1, {}, []
+            session_id, token_ids, 1, {}, [], close=True
         ):
             pass
-        await engine.close.remote(session_id)
         return time.perf_counter() - start
 
     async def health(http: Any) -> None:
@@ -1024,8 +1024,13 @@ def _describe(workload: Workload, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Inherited by every Ray worker: keep vLLM's per-step logging quiet.
+    # Inherited by every Ray worker: keep vLLM's per-step logging quiet, and
+    # run Ray Serve as mars-serve deploys it (`cluster.serve_env`).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.update(serve_env())
+    # Each configuration's application is deleted after its replay; with no
+    # external load balancer in front, its ingress needs no 30 s drain.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     from transformers import AutoTokenizer
 
     from cluster.local_cluster import logical_cpus

@@ -60,7 +60,7 @@ def build_from_config(config: ServingConfig) -> Application:
     store = config.state_store.model_dump()
     scheduler = serve.deployment(
         GlobalScheduler, name="global-scheduler", num_replicas=1, max_ongoing_requests=4096
-    ).bind(engines, config.dispatch.model_dump(), store, metrics=config.metrics)
+    ).bind(engines, config.dispatch.model_dump(), metrics=config.metrics)
     ingress = serve.deployment(
         serve.ingress(app)(Ingress),
         name="ingress",
@@ -73,8 +73,10 @@ def build_from_config(config: ServingConfig) -> Application:
         engines,
         scheduler,
         store,
+        config.dispatch.model_dump(),
         engine_policy=config.policy.name,
         metrics=config.metrics,
+        sole_replica=config.http.ingress_replicas == 1,
     )
 
 

@@ -80,8 +80,10 @@ class EngineInstance:
         max_tokens: int,
         hints: dict[str, Any] | None = None,
         stop_token_ids: list[int] | None = None,
+        close: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
-        """One client-driven chunk; streams {"tokens": [...]} then {"end": ...}."""
+        """One client-driven chunk; streams {"tokens": [...]} then {"end": ...}.
+        With `close`, the session ends with the chunk (a one-turn request)."""
         engine = await self._ready()
         request = request_id()
         # Turn start and end are DEBUG here: the ingress logs each turn at INFO.
@@ -99,6 +101,7 @@ class EngineInstance:
                 max_tokens,
                 hints=SegmentHints(**(hints or {})),
                 stop_token_ids=stop_token_ids or (),
+                close=close,
             ):
                 if isinstance(event, TokenDelta):
                     yield {"tokens": event.token_ids}

@@ -1,34 +1,33 @@
-"""The global scheduler: places each session on an engine instance.
+"""The global scheduler: the application's view of its engine instances, and
+the placement of new sessions.
 
-One replica per application (a Ray actor under Ray Serve). It keeps no
-session state of its own: affinity comes from the state store on every
-placement, so a restart loses nothing. Instance loads are pulled from the
-engines and reused for `load_ttl_s`; the decision itself is a pure policy
-from `policies.dispatch`. Each decision is logged with its session and
-request, and counted in ``mars_dispatch_decisions`` when metrics are on.
+One replica per application (a Ray actor under Ray Serve). A background task
+pulls every engine's load every `load_refresh_s` into a `cluster.placement.
+Placer`, never inside a placement: placing a session costs a pure policy
+decision, not a round of calls to every engine.
+
+It keeps no session state: the ingress sends a session's later turns
+straight to the instance that holds its KV (from the state store), so a
+restart of this actor loses nothing, and placing a new session needs no
+store round trip. A lone ingress replica places sessions itself from this
+actor's `loads` (one Ray call per session less); with several ingress
+replicas every new session is placed here, so their decisions stay coherent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import time
 from typing import Any
 
-from cluster.logs import request_id, serve_logger
-from cluster.metrics import DispatchMetrics, dispatch_reason
-from cluster.state_store import UnknownSession, make_state_store
-from policies import (
-    DispatchRequest,
-    DispatchState,
-    InstanceLoad,
-    NoInstanceAvailable,
-    make_dispatch_policy,
-)
+from cluster.logs import serve_logger
+from cluster.placement import Placer
+from policies import InstanceLoad
 
 logger = serve_logger(__name__)
 
 LOAD_TIMEOUT_S = 5.0
+LOAD_REFRESH_S = 0.1
+"""Default period of the load refresh (one `load` call per engine)."""
 
 
 class GlobalScheduler:
@@ -38,63 +37,48 @@ class GlobalScheduler:
         self,
         engines: dict[str, Any],
         dispatch: dict[str, Any],
-        state_store: dict[str, Any],
         *,
         metrics: bool,
-        load_ttl_s: float = 0.1,
+        load_refresh_s: float = LOAD_REFRESH_S,
     ) -> None:
         self._engines = engines
-        self._policy = make_dispatch_policy(dispatch["policy"], **dispatch.get("params", {}))
-        self._state = DispatchState()
-        self._store = make_state_store(state_store.get("url"), state_store["session_ttl_s"])
-        self._load_ttl_s = load_ttl_s
-        self._loads: list[InstanceLoad] = []
-        self._loads_at = float("-inf")
-        self._lock = asyncio.Lock()
-        self.decisions: collections.Counter[str] = collections.Counter()
-        self._metrics = DispatchMetrics(dispatch["policy"]) if metrics else None
+        self.placer = Placer(dispatch, metrics=metrics)
+        self._load_refresh_s = load_refresh_s
+        self._first_loads = asyncio.Event()
+        self._refresher: asyncio.Task[None] | None = None
 
-    async def place(self, session_id: str | None, prompt_tokens: int) -> dict[str, str]:
-        """The instance for a new chunk of `session_id` (affinity first)."""
-        affinity = None
-        if session_id is not None:
-            try:
-                record = await asyncio.to_thread(self._store.get_session, session_id)
-                affinity = record.instance_id
-            except UnknownSession:
-                pass
-        async with self._lock:
-            loads = await self._fresh_loads()
-            request = DispatchRequest(session_id, prompt_tokens, affinity)
-            try:
-                decision, self._state = self._policy.choose(request, loads, self._state)
-            except NoInstanceAvailable as exc:
-                logger.error(
-                    "placement failed session=%s request=%s: %s", session_id, request_id(), exc
-                )
-                raise
-        self.decisions[decision.instance_id] += 1
-        if self._metrics is not None:
-            self._metrics.record(
-                decision.instance_id, dispatch_reason(affinity, decision.instance_id)
-            )
-        logger.info(
-            "placed session=%s request=%s instance=%s affinity=%s reason=%s",
-            session_id,
-            request_id(),
-            decision.instance_id,
-            affinity,
-            decision.reason,
-        )
+    async def place(
+        self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
+    ) -> dict[str, str]:
+        """The instance for a new session of `prompt_tokens` tokens (the
+        `affinity_instance` first, if the caller knows one and it is healthy)."""
+        await self._started()
+        decision = self.placer.place(session_id, prompt_tokens, affinity_instance)
         return {"instance_id": decision.instance_id, "reason": decision.reason}
 
     async def loads(self) -> list[dict[str, Any]]:
-        async with self._lock:
-            return [vars(load) for load in await self._fresh_loads()]
+        """The latest load of every instance (decisions since the last refresh
+        included)."""
+        await self._started()
+        return [vars(load) for load in self.placer.loads]
 
-    async def _fresh_loads(self) -> list[InstanceLoad]:
-        if time.monotonic() - self._loads_at < self._load_ttl_s:
-            return self._loads
+    async def _started(self) -> None:
+        """Start the refresher on first use (the actor's event loop runs by
+        then) and wait for its first round."""
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        await self._first_loads.wait()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                self.placer.update(await self._fetch_loads())
+                self._first_loads.set()
+            except Exception:
+                logger.exception("load refresh failed; keeping the previous loads")
+            await asyncio.sleep(self._load_refresh_s)
+
+    async def _fetch_loads(self) -> list[InstanceLoad]:
         ids = list(self._engines)
         results = await asyncio.gather(*(self._load_of(i) for i in ids), return_exceptions=True)
         loads = []
@@ -104,7 +88,6 @@ class GlobalScheduler:
                 loads.append(_unhealthy(instance_id))
             else:
                 loads.append(InstanceLoad(**result))
-        self._loads, self._loads_at = loads, time.monotonic()
         return loads
 
     async def _load_of(self, instance_id: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ keep its context on the engine between turns: the turn ends (at
 `max_tokens`, a stop token, or a tool-call token) with the session paused on
 its instance, and the next request of the session sends only the new
 messages (typically the tool's result). Without a session id, a request is a
-one-turn session closed after the response. `mars.plan` runs a whole
+one-turn session: it never enters the state store, and the engine closes it
+when its chunk ends. `mars.plan` runs a whole
 session with server-side tools.
 
 Each turn is logged at start and end (and on failure) with its session and
@@ -28,10 +29,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from cluster.global_scheduler import LOAD_REFRESH_S
 from cluster.logs import request_id, serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
+from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, _Common
 from cluster.state_store import SessionRecord, SessionState, UnknownSession, make_state_store
+from policies import NoInstanceAvailable
 
 logger = serve_logger(__name__)
 
@@ -82,9 +86,11 @@ class Ingress:
         engines: dict[str, Any],
         scheduler: Any,
         state_store: dict[str, Any],
+        dispatch: dict[str, Any],
         *,
         engine_policy: str,
         metrics: bool,
+        sole_replica: bool,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -92,6 +98,14 @@ class Ingress:
         self._tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._engines = engines
         self._scheduler = scheduler
+        # A lone replica is the application's only decider: it places new
+        # sessions itself, from the global scheduler's loads (one Ray call per
+        # session less); several replicas ask the global scheduler.
+        self._placement = (
+            InIngress(scheduler, dispatch, metrics=metrics, refresh_s=LOAD_REFRESH_S)
+            if sole_replica
+            else ViaScheduler(scheduler)
+        )
         self._store = make_state_store(state_store.get("url"), state_store["session_ttl_s"])
         self.metrics = IngressMetrics(engine_policy) if metrics else None
 
@@ -241,8 +255,7 @@ class Ingress:
             # instance: every later turn goes there, whatever the placement policy.
             instance_id = existing.instance_id
         else:
-            placed = await self._scheduler.place.remote(session_id, len(token_ids))
-            instance_id = placed["instance_id"]
+            instance_id = await self._place(session_id, len(token_ids))
         engine = self._engines[instance_id]
         logger.info(
             "turn start session=%s request=%s instance=%s prompt_tokens=%d stream=%s plan=%s",
@@ -255,7 +268,8 @@ class Ingress:
         )
         if body.mars.plan is not None:
             return await self._run_plan(engine, session_id, token_ids, body, chat=chat)
-        await self._mark_generating(existing, session_id, instance_id)
+        if not ephemeral:
+            await self._mark_generating(existing, session_id, instance_id)
         hints = {"tool": body.mars.tool, "api_s": body.mars.expected_api_s}
         events = engine.options(stream=True).generate.remote(
             session_id,
@@ -263,6 +277,7 @@ class Ingress:
             body.token_limit,
             {k: v for k, v in hints.items() if v is not None},
             [*body.stop_token_ids, *body.mars.tool_call_token_ids],
+            close=ephemeral or body.mars.close,
         )
         turn = _Turn(
             self, body, session_id, instance_id, ephemeral, chat, len(token_ids), started_s
@@ -270,6 +285,12 @@ class Ingress:
         if body.stream:
             return StreamingResponse(turn.sse(events), media_type="text/event-stream")
         return await turn.complete(events)
+
+    async def _place(self, session_id: str, prompt_tokens: int) -> str:
+        try:
+            return await self._placement.place(session_id, prompt_tokens)
+        except NoInstanceAvailable as exc:
+            raise ApiError(503, str(exc), kind="service_unavailable") from None
 
     async def _mark_generating(
         self, existing: SessionRecord | None, session_id: str, instance_id: str
@@ -285,11 +306,14 @@ class Ingress:
             )
 
     async def _end_turn(self, turn: _Turn, end: dict[str, Any]) -> None:
-        tokens = turn.prompt_tokens + max(0, len(end["token_ids"]) - 1)
-        if turn.ephemeral or turn.body.mars.close:
-            await self._engines[turn.instance_id].close.remote(turn.session_id)
+        """Record the turn's end in the store (the engine has already closed a
+        last turn's session: `generate(close=True)`)."""
+        if turn.ephemeral:
+            return
+        if turn.body.mars.close:
             await asyncio.to_thread(self._store.delete_session, turn.session_id)
             return
+        tokens = turn.prompt_tokens + max(0, len(end["token_ids"]) - 1)
         await asyncio.to_thread(
             self._store.update_session,
             turn.session_id,

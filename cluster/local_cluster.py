@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import ServingConfig, load_serving_config
+from cluster.serve_env import serve_env
 
 APP_NAME = "mars"
 STATE_FILE = Path(os.environ.get("MARS_SERVE_STATE", Path.home() / ".mars-serve" / "up.json"))
@@ -75,6 +76,7 @@ def _start_head(cpus: int) -> None:
         capture_output=True,
         text=True,
         check=False,
+        env=serve_env(),
     )
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
@@ -175,6 +177,9 @@ def down() -> None:
         ray.init(address="auto", ignore_reinit_error=True, log_to_driver=False)
         serve.delete(APP_NAME, _blocking=True)
         print(f"[down] deleted application {APP_NAME!r}", flush=True)
+        if state.get("started_head"):
+            # Stops Serve's HAProxy too, which `ray stop` would leave running.
+            serve.shutdown()
         ray.shutdown()
     if state.get("started_head"):
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], check=False)

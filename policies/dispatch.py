@@ -198,6 +198,22 @@ def llumnix_freeness(load: InstanceLoad) -> float:
     return (load.free_blocks - load.waiting_demand_blocks) / max(1, load.running)
 
 
+def charge_placement(load: InstanceLoad, prompt_tokens: int) -> InstanceLoad:
+    """`load` as it will be once a session of `prompt_tokens` placed on it is
+    queued: one more waiting request needing ``ceil(prompt_tokens /
+    block_size)`` more blocks.
+
+    The global scheduler applies it to its cached load after each decision,
+    until the next refresh from the engine replaces the estimate with the
+    real figures (Llumnix updates its instance info on dispatch the same way).
+    """
+    _check_non_negative_int("prompt_tokens", prompt_tokens)
+    blocks = -(-prompt_tokens // load.block_size)
+    return dataclasses.replace(
+        load, waiting=load.waiting + 1, waiting_demand_blocks=load.waiting_demand_blocks + blocks
+    )
+
+
 def mars_aware_score(load: InstanceLoad, backlog_weight: float) -> float:
     """MARS-aware placement score (higher is better); see the module docstring."""
     free = load.free_blocks - load.waiting_demand_blocks - load.paused_released_blocks

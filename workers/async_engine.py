@@ -97,10 +97,17 @@ class AsyncMarsEngine:
         *,
         hints: SegmentHints | None = None,
         stop_token_ids: Sequence[int] = (),
+        close: bool = False,
     ) -> AsyncIterator[Event]:
         """Run one chunk of a client-driven session, opening the session if it
         is new and resuming it if it is paused; yields token deltas, then the
-        `ChunkEnd`."""
+        `ChunkEnd`.
+
+        With `close`, the chunk is the session's last: the engine closes the
+        session (frees its KV) as soon as the chunk ends, without the caller
+        waiting for it or sending a separate `close` (a one-turn request
+        then costs one call, not two).
+        """
         stream: asyncio.Queue[Event] = asyncio.Queue()
         if session_id in self._streams:
             raise ValueError(f"session {session_id!r} already has a chunk running")
@@ -118,6 +125,8 @@ class AsyncMarsEngine:
                 event = await stream.get()
                 if isinstance(event, EngineFailed):
                     raise RuntimeError(f"the MARS engine failed: {event.reason}")
+                if isinstance(event, ChunkEnd) and close:
+                    self._commands.put(_closer(session_id))
                 yield event
                 if isinstance(event, ChunkEnd):
                     return
@@ -199,3 +208,16 @@ class AsyncMarsEngine:
             events.append(ChunkEnd(finish_reason, session.state, list(session.outputs[-1])))
         for event in events:
             loop.call_soon_threadsafe(stream.put_nowait, event)
+
+
+def _closer(session_id: str) -> Callable[[MarsEngine], None]:
+    """An engine-thread command closing `session_id`; nobody awaits it, so a
+    failure is logged here rather than lost."""
+
+    def close(engine: MarsEngine) -> None:
+        try:
+            engine.close_session(session_id)
+        except Exception:
+            logger.exception("closing session %s after its last chunk failed", session_id)
+
+    return close

@@ -42,7 +42,7 @@ state_store: {{url: "{redis_url}", session_ttl_s: 600}}
 tools:
   - {{name: search, kind: emulated, duration_s: 0.2, return_tokens: 6}}
   - {{name: calculator, kind: calculator}}
-http: {{port: {port}}}
+http: {{port: {port}, ingress_replicas: 2}}
 """
     )
     ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)

@@ -76,6 +76,15 @@ def ray_head(tiny_model_dir: Path):
     try:
         yield env, f"http://127.0.0.1:{dashboard_port}"
     finally:
+        # Serve's own shutdown stops its HAProxy, which `ray stop` would leave running.
+        _ray_cli(
+            "ray.serve.scripts",
+            "shutdown",
+            "--yes",
+            "--address",
+            f"http://127.0.0.1:{dashboard_port}",
+            env=env,
+        )
         _ray_cli("ray.scripts.scripts", "stop", "--force", env=env)
 
 

@@ -16,6 +16,7 @@ from policies import (
     DispatchState,
     InstanceLoad,
     NoInstanceAvailable,
+    charge_placement,
     dispatch_policy_names,
     make_dispatch_policy,
 )
@@ -400,3 +401,31 @@ def test_dispatch_module_imports_no_ray_or_vllm() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- charging a decision to the cached load ----------------------------------
+
+
+def test_charge_placement_queues_the_session_and_its_blocks() -> None:
+    before = load("a", free=10, demand=3)  # waiting 1
+    after = charge_placement(before, 33)  # 33 tokens = 2 blocks of 32
+    assert (after.waiting, after.waiting_demand_blocks) == (2, 5)
+    assert (after.free_blocks, after.running) == (before.free_blocks, before.running)
+    assert charge_placement(before, 32).waiting_demand_blocks == 4
+    assert charge_placement(before, 0).waiting_demand_blocks == 3
+
+
+def test_charged_loads_spread_a_burst_between_refreshes() -> None:
+    # Equal instances: without charging, every session of a burst goes to "a".
+    loads = {i: load(i, free=20) for i in ("a", "b")}
+    chosen = []
+    for _ in range(4):
+        pick = choose("least_load", list(loads.values()))
+        loads[pick.instance_id] = charge_placement(loads[pick.instance_id], 100)
+        chosen.append(pick.instance_id)
+    assert chosen == ["a", "b", "a", "b"]
+
+
+def test_charge_placement_rejects_negative_tokens() -> None:
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        charge_placement(load("a", free=1), -1)

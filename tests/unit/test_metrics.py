@@ -138,11 +138,10 @@ def test_recorders_give_every_declared_tag() -> None:
 
 
 def test_metrics_off_builds_no_recorder() -> None:
-    store = {"url": None, "session_ttl_s": 60.0}
-    scheduler = GlobalScheduler({}, {"policy": "round_robin"}, store, metrics=False)
-    assert scheduler._metrics is None
+    scheduler = GlobalScheduler({}, {"policy": "round_robin"}, metrics=False)
+    assert scheduler.placer._metrics is None
     assert isinstance(
-        GlobalScheduler({}, {"policy": "round_robin"}, store, metrics=True)._metrics,
+        GlobalScheduler({}, {"policy": "round_robin"}, metrics=True).placer._metrics,
         DispatchMetrics,
     )
 

@@ -1,0 +1,134 @@
+"""Where a new session goes: a dispatch policy over a cached view of the
+instance loads.
+
+A `Placer` holds the configured policy (`policies.dispatch`), its state and
+the latest load of every instance; each decision is charged to the chosen
+instance's cached load (`charge_placement`) until the next refresh replaces
+the view, so a burst of new sessions spreads out instead of landing on
+whichever instance looked freest at the last refresh. Decisions are logged
+with their session and request, and counted in ``mars_dispatch_decisions``
+when metrics are on.
+
+The global scheduler hosts one (the application's authority, refreshed from
+the engines); a lone ingress replica hosts another, fed with the global
+scheduler's loads, and decides without a Ray call per session (see
+`cluster.ingress`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Iterable
+from typing import Any
+
+from cluster.logs import request_id, serve_logger
+from cluster.metrics import DispatchMetrics, dispatch_reason
+from policies import (
+    DispatchDecision,
+    DispatchRequest,
+    DispatchState,
+    InstanceLoad,
+    NoInstanceAvailable,
+    charge_placement,
+    make_dispatch_policy,
+)
+
+logger = serve_logger(__name__)
+
+FIRST_LOADS_TIMEOUT_S = 30.0
+
+
+class Placer:
+    """One decider: see the module docstring."""
+
+    def __init__(self, dispatch: dict[str, Any], *, metrics: bool) -> None:
+        self._policy = make_dispatch_policy(dispatch["policy"], **dispatch.get("params", {}))
+        self._state = DispatchState()
+        self._loads: dict[str, InstanceLoad] = {}
+        self.decisions: collections.Counter[str] = collections.Counter()
+        self._metrics = DispatchMetrics(dispatch["policy"]) if metrics else None
+
+    def update(self, loads: Iterable[InstanceLoad]) -> None:
+        """Replace the view with fresh loads (and drop the charged estimates)."""
+        self._loads = {load.instance_id: load for load in loads}
+
+    @property
+    def loads(self) -> list[InstanceLoad]:
+        """The current view, decisions since the last update included."""
+        return list(self._loads.values())
+
+    def place(
+        self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
+    ) -> DispatchDecision:
+        """The instance for a new session; raises `NoInstanceAvailable`."""
+        request = DispatchRequest(session_id, prompt_tokens, affinity_instance)
+        try:
+            decision, self._state = self._policy.choose(request, self.loads, self._state)
+        except NoInstanceAvailable as exc:
+            logger.error(
+                "placement failed session=%s request=%s: %s", session_id, request_id(), exc
+            )
+            raise
+        chosen = decision.instance_id
+        self._loads[chosen] = charge_placement(self._loads[chosen], prompt_tokens)
+        self.decisions[chosen] += 1
+        if self._metrics is not None:
+            self._metrics.record(chosen, dispatch_reason(affinity_instance, chosen))
+        logger.info(
+            "placed session=%s request=%s instance=%s affinity=%s reason=%s",
+            session_id,
+            request_id(),
+            chosen,
+            affinity_instance,
+            decision.reason,
+        )
+        return decision
+
+
+class ViaScheduler:
+    """Placement by the global scheduler: one Ray call per new session, every
+    ingress replica's decisions made in one place."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    async def place(self, session_id: str | None, prompt_tokens: int) -> str:
+        placed = await self._scheduler.place.remote(session_id, prompt_tokens)
+        return placed["instance_id"]
+
+
+class InIngress:
+    """Placement in the (only) ingress replica, from the global scheduler's
+    loads pulled every `refresh_s`: the same decisions as the scheduler's
+    when this replica is the only decider, without a Ray call per session."""
+
+    def __init__(
+        self, scheduler: Any, dispatch: dict[str, Any], *, metrics: bool, refresh_s: float
+    ) -> None:
+        self._scheduler = scheduler
+        self._placer = Placer(dispatch, metrics=metrics)
+        self._refresh_s = refresh_s
+        self._first_loads = asyncio.Event()
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def place(self, session_id: str | None, prompt_tokens: int) -> str:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        try:
+            await asyncio.wait_for(self._first_loads.wait(), FIRST_LOADS_TIMEOUT_S)
+        except TimeoutError:
+            raise NoInstanceAvailable(
+                f"no instance loads from the global scheduler after {FIRST_LOADS_TIMEOUT_S:g} s"
+            ) from None
+        return self._placer.place(session_id, prompt_tokens).instance_id
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                loads = await self._scheduler.loads.remote()
+                self._placer.update(InstanceLoad(**load) for load in loads)
+                self._first_loads.set()
+            except Exception:
+                logger.exception("load refresh from the global scheduler failed")
+            await asyncio.sleep(self._refresh_s)
