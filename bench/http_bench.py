@@ -915,7 +915,7 @@ def ray_serve(port: int, logical_cpus: int) -> Iterator[None]:
         ray.shutdown()
 
 
-def run_config(
+async def run_config(
     config: ServingConfig,
     bench: BenchConfig,
     workload: Workload,
@@ -925,7 +925,12 @@ def run_config(
     probe: Probe | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Deploy `config` as a fresh application, run the probe (if given) and
-    the replay, delete the application; return its row and the probe's report."""
+    the replay, delete the application; return its row and the probe's report.
+
+    A coroutine on the benchmark's one event loop: Ray Serve's throughput mode
+    binds the driver's deployment handles to the loop they were first used
+    on, so every phase and every configuration must share it. The blocking
+    Serve calls run in threads."""
     from ray import serve
 
     from cluster.app import build_from_config
@@ -937,24 +942,23 @@ def run_config(
     started = time.monotonic()
     overhead = None
     try:
-        serve.run(build_from_config(config), name=app_name, route_prefix="/")
-        ready = _wait_ready(url, READY_TIMEOUT_S)
+        application = build_from_config(config)
+        await asyncio.to_thread(serve.run, application, name=app_name, route_prefix="/")
+        ready = await asyncio.to_thread(_wait_ready, url, READY_TIMEOUT_S)
         startup_s = time.monotonic() - started
-        loads = asyncio.run(_engine_loads(app_name, config.instance_ids()))
+        loads = await _engine_loads(app_name, config.instance_ids())
         engine_blocks = {k: v["total_blocks"] for k, v in loads.items()}
         if any(blocks != args.kv_blocks for blocks in engine_blocks.values()):
             print(f"   warning: KV blocks per engine {engine_blocks}, asked for {args.kv_blocks}")
         if probe is not None:
-            overhead = asyncio.run(
-                measure_overhead(
-                    url,
-                    model,
-                    app_name,
-                    probe,
-                    load_rps=load_rps,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
+            overhead = await measure_overhead(
+                url,
+                model,
+                app_name,
+                probe,
+                load_rps=load_rps,
+                seed=args.seed,
+                progress=not args.no_progress,
             )
             overhead.update(
                 config=bench.label,
@@ -963,22 +967,20 @@ def run_config(
                 loadavg_after=os.getloadavg()[0],
             )
         loadavg_replay = os.getloadavg()[0]
-        outcomes, replay_s = asyncio.run(
-            replay(
-                url,
-                model,
-                workload.plans,
-                [r.request_id for r in workload.requests],
-                arrivals(len(workload.requests), load_rps, args.seed),
-                prefix=f"{workload.name}-{load_rps:g}-{index}",
-                max_seconds=args.max_seconds,
-                desc=f"{workload.name} {load_rps:g} rps {bench.label}",
-                progress=not args.no_progress,
-            )
+        outcomes, replay_s = await replay(
+            url,
+            model,
+            workload.plans,
+            [r.request_id for r in workload.requests],
+            arrivals(len(workload.requests), load_rps, args.seed),
+            prefix=f"{workload.name}-{load_rps:g}-{index}",
+            max_seconds=args.max_seconds,
+            desc=f"{workload.name} {load_rps:g} rps {bench.label}",
+            progress=not args.no_progress,
         )
     finally:
         with contextlib.suppress(Exception):  # a failed deploy may have left nothing
-            serve.delete(app_name)
+            await asyncio.to_thread(serve.delete, app_name)
     row = summarize(outcomes, trace=workload.name, load_rps=load_rps, config=bench)
     row.update(
         {
@@ -1070,7 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
         probe = None
         if args.overhead_requests:
             probe = Probe(tokenizer, words, redis_url, args.overhead_requests)
-        with ray_serve(port, logical_cpus(next(iter(configs.values())))):
+
+        async def run_all() -> None:
+            nonlocal overhead, index
             for workload in workloads:
                 print(f"\n{_describe(workload, args)}", flush=True)
                 rows = []
@@ -1079,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
                     for bench in args.configs:
                         started = time.monotonic()
                         try:
-                            row, report = run_config(
+                            row, report = await run_config(
                                 configs[bench, workload.name],
                                 bench,
                                 workload,
@@ -1111,6 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 plot(rows, png, title)
                 print(f"wrote {json_path} and {png}", flush=True)
+
+        with ray_serve(port, logical_cpus(next(iter(configs.values())))):
+            asyncio.run(run_all())
     if overhead is not None:
         print(
             f"\ningress + global scheduler overhead ({overhead['pairs']} one-token requests at "
