@@ -99,6 +99,10 @@ OVERHEAD_GOAL_MS = 10.0
 PROBE_PROMPT_TOKENS = 8
 """Probe prompts stay under one KV block, so no probe hits the prefix cache."""
 PROBE_WARMUP = 5
+PROBE_SETTLE_S = 0.1
+"""Pause between the two halves of a probe pair: the first half's session
+close is one more engine step, which the second half must not queue behind
+(that would be the engine's time, not the ingress's)."""
 WARMUP_REQUESTS = 2
 READY_TIMEOUT_S = 180.0
 
@@ -798,9 +802,11 @@ async def measure_overhead(
         token_ids = probe.tokenizer.encode(text)  # as the ingress: start token + text
         if first_http:
             http_s, instance = await over_http(http, text)
+            await asyncio.sleep(PROBE_SETTLE_S)
             direct_s = await direct(instance, token_ids, f"probe-direct-{name}")
         else:
             direct_s = await direct(guess, token_ids, f"probe-direct-{name}")
+            await asyncio.sleep(PROBE_SETTLE_S)
             http_s, instance = await over_http(http, text)
         return http_s, direct_s, instance
 
@@ -902,7 +908,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def ray_serve(port: int, logical_cpus: int) -> Iterator[None]:
-    """A local Ray instance with Serve's HTTP proxy on `port`, shut down on exit."""
+    """A local Ray instance with Serve's HTTP port `port`, shut down on exit.
+
+    The body must shut Serve down itself (`serve.shutdown_async`), on the event
+    loop its deployment handles were bound to (see `run_config`)."""
     import ray
     from ray import serve
 
@@ -911,7 +920,6 @@ def ray_serve(port: int, logical_cpus: int) -> Iterator[None]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield
     finally:
-        serve.shutdown()
         ray.shutdown()
 
 
@@ -1116,8 +1124,16 @@ def main(argv: list[str] | None = None) -> int:
                 plot(rows, png, title)
                 print(f"wrote {json_path} and {png}", flush=True)
 
+        async def run_all_then_shut_down() -> None:
+            from ray import serve
+
+            try:
+                await run_all()
+            finally:
+                await serve.shutdown_async()  # stops Serve's HAProxy too
+
         with ray_serve(port, logical_cpus(next(iter(configs.values())))):
-            asyncio.run(run_all())
+            asyncio.run(run_all_then_shut_down())
     if overhead is not None:
         print(
             f"\ningress + global scheduler overhead ({overhead['pairs']} one-token requests at "
