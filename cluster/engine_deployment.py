@@ -18,6 +18,7 @@ engine, not the traffic, and Ray drops a gauge that stops being set.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -83,7 +84,13 @@ class EngineInstance:
         close: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """One client-driven chunk; streams {"tokens": [...]} then {"end": ...}.
-        With `close`, the session ends with the chunk (a one-turn request)."""
+        With `close`, the session ends with the chunk (a one-turn request).
+
+        The end event's `engine_s` is this replica's own time on the chunk,
+        from the call to its end (queueing in the engine included): what a
+        caller subtracts to see its own overhead, free of the engine's jitter.
+        """
+        started_s = time.monotonic()
         engine = await self._ready()
         request = request_id()
         # Turn start and end are DEBUG here: the ingress logs each turn at INFO.
@@ -118,6 +125,7 @@ class EngineInstance:
                         "end": event.finish_reason,
                         "state": event.state.value,
                         "token_ids": event.token_ids,
+                        "engine_s": time.monotonic() - started_s,
                     }
         except Exception:
             logger.exception("turn failed session=%s request=%s", session_id, request)

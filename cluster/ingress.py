@@ -422,7 +422,11 @@ class _Turn:
             self._finish_reason(end),
             self._usage(end),
             chat=self.chat,
-            mars={"instance_id": self.instance_id, "session_state": "paused"},
+            mars={
+                "instance_id": self.instance_id,
+                "session_state": "closed" if self.ephemeral or self.body.mars.close else "paused",
+                "engine_s": end["engine_s"],
+            },
             response_id=self.id,
         )
 

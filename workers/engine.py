@@ -11,6 +11,7 @@ paused in the scheduler, which decides the fate of its KV.
 
 from __future__ import annotations
 
+import collections
 import copy
 import enum
 import heapq
@@ -50,6 +51,12 @@ class EngineConfig(BaseModel):
     )
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     profile_costs: bool = Field(True, description="measure the cost model at start-up")
+    finished_sessions_kept: int = Field(
+        10_000,
+        ge=1,
+        description="finished sessions kept for inspection (outputs, timeline); older ones "
+        "are forgotten",
+    )
 
     @field_validator("block_size")
     @classmethod
@@ -131,6 +138,7 @@ class MarsEngine:
         self.scheduler = self._core.scheduler
         self.sessions: dict[str, Session] = {}
         self._by_engine_id: dict[str, Session] = {}
+        self._finished: collections.deque[str] = collections.deque()
         self._timers: list[tuple[float, int, str, list[int]]] = []
         self.listeners: list[OutputListener] = []
         """Called on every output: new tokens, and the finish reason when a chunk ends."""
@@ -401,6 +409,17 @@ class MarsEngine:
         self._add_to_engine(final)
         session.state = SessionState.FINISHED
         session.finished_s = time.monotonic()
+        self._finished.append(session.session_id)
+        self._forget_oldest_finished()
+
+    def _forget_oldest_finished(self) -> None:
+        """Forget finished sessions beyond `finished_sessions_kept`, oldest
+        first: a server finishes sessions without end, and each one keeps its
+        tokens here and its timeline in the scheduler."""
+        while len(self._finished) > self.config.finished_sessions_kept:
+            session = self.sessions.pop(self._finished.popleft())
+            self._by_engine_id.pop(session.session_id, None)
+            self.scheduler.forget(session.engine_request_id)
 
     def shutdown(self) -> None:
         """Stop the engine core and release vLLM's process-wide state (the KV

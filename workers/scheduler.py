@@ -117,6 +117,7 @@ class MarsScheduler(Scheduler):
         self.engine_policy = make_engine_policy(self.settings.policy, **self.settings.policy_params)
         self.waiting = RankedRequestQueue()
         self.records: dict[str, RequestRecord] = {}
+        self._forget_when_freed: set[str] = set()
         self.iteration = 0
         self.last_scheduled_tokens = 0
         self._preempted_last_step = False
@@ -242,7 +243,19 @@ class MarsScheduler(Scheduler):
         record = self.records.get(request.request_id)
         if record is not None and record.phase is not Phase.FINISHED:
             record.move(Phase.FINISHED, time.monotonic(), "finished")
-        return super()._free_request(request, delay_free_blocks)
+        freed = super()._free_request(request, delay_free_blocks)
+        if request.request_id in self._forget_when_freed:
+            self._forget_when_freed.discard(request.request_id)
+            del self.records[request.request_id]
+        return freed
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's record (its owner keeps a bounded number
+        of them); one vLLM still holds is dropped when vLLM frees it."""
+        if request_id in self.requests:
+            self._forget_when_freed.add(request_id)
+        else:
+            self.records.pop(request_id, None)
 
     # ---------------------------------------------------------- MARS logic
     def _ranked(self, requests: list[Request]) -> list[Request]:

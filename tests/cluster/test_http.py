@@ -82,6 +82,9 @@ def test_chat_completion(client) -> None:
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 8
     assert isinstance(reply.choices[0].message.content, str)
+    mars = reply.model_extra["mars"]
+    assert mars["session_state"] == "closed"  # no session id: a one-turn session
+    assert 0 < mars["engine_s"] < 60
 
 
 def test_streaming(client) -> None:

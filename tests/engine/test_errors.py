@@ -64,3 +64,20 @@ def test_start_up_profiling_measures_costs(tiny_model_dir):
         assert cost.swap_s_per_token > 0
         # 2 layers x 1 KV head x 64 dims x (K + V) x 2 bytes (bf16)
         assert cost.kv_bytes_per_token == 512
+
+
+def test_finished_sessions_beyond_the_retention_are_forgotten(tiny_model_dir):
+    """A server finishes sessions without end: past `finished_sessions_kept`,
+    the oldest finished session and its scheduler record are dropped, and the
+    engine keeps serving (a forgotten id is unknown, so it can be reused)."""
+    with mars_engine(tiny_model_dir, finished_sessions_kept=2) as engine:
+        for name in ("a", "b", "c", "a"):
+            engine.open_session(name, prompt(12), 3)
+            engine.run_until_idle(timeout_s=120)
+            engine.close_session(name)
+            engine.run_until_idle(timeout_s=120)
+        assert list(engine.sessions) == ["c", "a"]
+        assert len(engine.scheduler.records) == 2
+        with pytest.raises(KeyError, match="unknown session_id 'b'"):
+            engine.record("b")
+        assert engine.record("a").phase.value == "finished"
