@@ -19,6 +19,12 @@ from cluster.engine_deployment import EngineInstance
 from cluster.global_scheduler import GlobalScheduler
 from cluster.ingress import Ingress, app
 
+INTERNAL_CALLS_LOGGING = {"enable_access_log": False}
+"""Serve's access log (one line per call) off for the engines and the global
+scheduler: the load refresh calls them ten times a second. Our own log lines
+(placements, turns, failures) are unaffected; the ingress keeps its HTTP
+access log."""
+
 ENGINE_CPUS = 1.0
 """Logical CPUs each engine replica reserves (Ray needs more logical CPUs
 than cores on small machines; see DESIGN.md)."""
@@ -53,13 +59,18 @@ def build_from_config(config: ServingConfig) -> Application:
                 ray_actor_options={"num_cpus": ENGINE_CPUS},
                 health_check_period_s=10,
                 max_ongoing_requests=1024,
+                logging_config=INTERNAL_CALLS_LOGGING,
             )
             engines[instance_id] = deployment.bind(
                 instance_id, engine_config(config, pool.name), tools, metrics=config.metrics
             )
     store = config.state_store.model_dump()
     scheduler = serve.deployment(
-        GlobalScheduler, name="global-scheduler", num_replicas=1, max_ongoing_requests=4096
+        GlobalScheduler,
+        name="global-scheduler",
+        num_replicas=1,
+        max_ongoing_requests=4096,
+        logging_config=INTERNAL_CALLS_LOGGING,
     ).bind(engines, config.dispatch.model_dump(), metrics=config.metrics)
     ingress = serve.deployment(
         serve.ingress(app)(Ingress),

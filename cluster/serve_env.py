@@ -22,6 +22,10 @@ from collections.abc import Mapping
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Throughput mode buffers 1,000 log lines per replica, and a replica that
+    # stops loses what is buffered: write each line (turns, placements,
+    # failures) as it comes.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 
 

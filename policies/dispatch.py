@@ -22,18 +22,24 @@ Policies:
   never make it skip or repeat the others.
 - ``least_load``: highest Llumnix freeness (`llumnix_freeness`)::
 
-      freeness = (free_blocks - waiting_demand_blocks) / max(1, running)
+      freeness = per_running(free_blocks - waiting_demand_blocks, running)
+      per_running(x, n) = x / max(1, n)   if x >= 0
+                          x * max(1, n)   if x < 0
 
   the KV blocks left once the waiting queue is admitted, per running request.
-  It is negative on an instance whose queue already needs more than is free.
+  It is negative on an instance whose queue already needs more than is free;
+  a deficit is multiplied, not divided, by the running requests, so that at
+  equal blocks the busier instance always ranks lower (Llumnix's plain
+  division would rank an overloaded instance higher the more requests it
+  runs, and pile new sessions on it).
 - ``session_affinity``: the request's `affinity_instance` when it is known
   and healthy (reason ``"affinity"``); otherwise the policy named by its
   `fallback` parameter (default ``least_load``), and the reason says so.
 - ``mars_aware``: affinity first, as ``session_affinity`` (the session's KV is
   there); otherwise the highest `mars_aware_score`::
 
-      freeness = (free_blocks - waiting_demand_blocks - paused_released_blocks)
-                 / max(1, running)
+      freeness = per_running(free_blocks - waiting_demand_blocks
+                             - paused_released_blocks, running)
       score    = freeness - backlog_weight * predicted_backlog / block_size
 
   Paused sessions whose KV was discarded or swapped out will need their
@@ -193,9 +199,17 @@ class DispatchState:
         _check_id("last_instance", self.last_instance, optional=True)
 
 
+def per_running(free: float, running: int) -> float:
+    """`free` blocks per running request: divided by ``max(1, running)`` when
+    there are blocks to share, multiplied when `free` is a deficit, so that
+    more running requests always rank an instance lower (module docstring)."""
+    requests = max(1, running)
+    return free / requests if free >= 0 else free * requests
+
+
 def llumnix_freeness(load: InstanceLoad) -> float:
-    """Llumnix's freeness: ``(free_blocks - waiting_demand_blocks) / max(1, running)``."""
-    return (load.free_blocks - load.waiting_demand_blocks) / max(1, load.running)
+    """Llumnix's freeness, ``per_running(free_blocks - waiting_demand_blocks, running)``."""
+    return per_running(load.free_blocks - load.waiting_demand_blocks, load.running)
 
 
 def charge_placement(load: InstanceLoad, prompt_tokens: int) -> InstanceLoad:
@@ -217,7 +231,7 @@ def charge_placement(load: InstanceLoad, prompt_tokens: int) -> InstanceLoad:
 def mars_aware_score(load: InstanceLoad, backlog_weight: float) -> float:
     """MARS-aware placement score (higher is better); see the module docstring."""
     free = load.free_blocks - load.waiting_demand_blocks - load.paused_released_blocks
-    freeness = free / max(1, load.running)
+    freeness = per_running(free, load.running)
     return freeness - backlog_weight * load.predicted_backlog / load.block_size
 
 

@@ -151,6 +151,7 @@ def test_llumnix_freeness_by_hand() -> None:
     assert llumnix_freeness(load("x", free=30, running=2)) == 15.0
     assert llumnix_freeness(load("x", free=20, running=0)) == 20.0  # max(1, running)
     assert llumnix_freeness(load("x", free=5, running=0, demand=20)) == -15.0
+    assert llumnix_freeness(load("x", free=5, running=3, demand=20)) == -45.0  # deficit x 3
     # Paused sessions' blocks play no part in Llumnix's freeness.
     assert llumnix_freeness(load("x", free=30, running=2, preserved=40, released=30)) == 15.0
 
@@ -429,3 +430,22 @@ def test_charged_loads_spread_a_burst_between_refreshes() -> None:
 def test_charge_placement_rejects_negative_tokens() -> None:
     with pytest.raises(ValueError, match="prompt_tokens"):
         charge_placement(load("a", free=1), -1)
+
+
+# --- a deficit is not shared out ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["least_load", "mars_aware"])
+def test_at_equal_deficit_the_busier_instance_ranks_lower(name: str) -> None:
+    # Both owe 20 blocks; "a" runs 10 requests, "b" 2. Dividing the deficit
+    # by the running requests (-2 vs -10) would pick the busier "a".
+    loads = [load("a", free=10, running=10, demand=30), load("b", free=10, running=2, demand=30)]
+    assert choose(name, loads).instance_id == "b"
+
+
+def test_mars_aware_deficit_counts_released_blocks() -> None:
+    # a: (10 - 0 - 30) * 4 = -80; b: (5 - 0 - 10) * 6 = -30.
+    loads = [load("a", free=10, running=4, released=30), load("b", free=5, running=6, released=10)]
+    assert mars_aware_score(loads[0], 0.0) == -80.0
+    assert mars_aware_score(loads[1], 0.0) == -30.0
+    assert choose("mars_aware", loads).instance_id == "b"
