@@ -153,6 +153,8 @@ def _wait_ready(endpoint: str, wait_s: float) -> None:
 
 def up(config_path: Path) -> str:
     config = load_serving_config(config_path)
+    # This process deploys too: its Serve client runs in the cluster's mode.
+    os.environ.update(serve_env())
     started_head = False
     if _ray_running():
         print("[up] using the Ray cluster already running here", flush=True)
