@@ -42,17 +42,22 @@ test: model
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# The engine sweep of docs/results/README.md: both traces, three loads, three
+# seeds, four policies (~35 min per trace and seed set on 2 CPUs; nothing
+# else may run meanwhile). `python -m bench.engine_bench --quick` for minutes.
 bench-engine: model
-	$(PY) -m bench.engine_bench --model $(MODEL)
+	$(PY) -m bench.engine_bench --model $(MODEL) --traces multi_api single_api \
+		--loads 8 16 32 --seeds 0 1 2 --max-requests 128 --host-swap-tokens 2048 \
+		--kv-blocks 40 --max-seconds 300 --no-progress
 
 # The trace replay over HTTP against two engine instances (Ray Serve, Redis),
-# one fresh application per dispatch/engine-policy pair, plus the ingress
-# overhead probe (~15 min on 2 CPUs; `--quick` for a few minutes).
+# one fresh application per dispatch/engine-policy pair and load, plus the
+# ingress overhead probe (~17 min on 2 CPUs; `--quick` for a few minutes).
 bench-http: model
-	$(PY) -m bench.http_bench
+	$(PY) -m bench.http_bench --traces multi_api --loads 4 8 16 --max-requests 48 --no-progress
 
 bench-overhead: install
-	$(PY) -m bench.sched_overhead --n 1000 --iters 200
+	$(PY) -m bench.sched_overhead --n 1000 --iters 1000
 
 clean:
 	rm -rf $(VENV) $(MODEL)
