@@ -628,37 +628,36 @@ def format_overhead(report: dict[str, Any]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Bars of mean and P99 E2E and TTFT per configuration (one load is the
-    default, so bars rather than the engine benchmark's lines over load)."""
+    """Mean E2E and P99 TTFT per configuration: lines over load when the run
+    has several loads (as the engine benchmark), bars for a single load."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    several_loads = len({r["load_rps"] for r in rows}) > 1
-    labels = [
-        f"{r['dispatch']}\n{r['policy']}"
-        + (f"\n{r['load_rps']:g} rps" if several_loads else "")
-        + f"\n{r['completed']}/{r['requests']} done"
-        for r in rows
-    ]
+    loads = sorted({r["load_rps"] for r in rows})
+    configs = list(dict.fromkeys(f"{r['dispatch']}:{r['policy']}" for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    width = 0.38
-    xs = range(len(rows))
-    panels = (
-        ("e2e_mean_s", "e2e_p99_s", "end-to-end latency"),
-        ("ttft_mean_s", "ttft_p99_s", "time to first token"),
-    )
-    for ax, (mean_key, p99_key, name) in zip(axes, panels, strict=True):
-        means = [math.nan if r[mean_key] is None else r[mean_key] for r in rows]
-        p99s = [math.nan if r[p99_key] is None else r[p99_key] for r in rows]
-        ax.bar([x - width / 2 for x in xs], means, width, label="mean")
-        ax.bar([x + width / 2 for x in xs], p99s, width, label="P99")
-        ax.set_xticks(list(xs), labels, fontsize=8)
+    panels = (("e2e_mean_s", "mean end-to-end latency"), ("ttft_p99_s", "P99 time to first token"))
+    for ax, (key, name) in zip(axes, panels, strict=True):
+        for index, config in enumerate(configs):
+            mine = {
+                r["load_rps"]: r[key] for r in rows if f"{r['dispatch']}:{r['policy']}" == config
+            }
+            values = [math.nan if mine.get(load) is None else mine[load] for load in loads]
+            if len(loads) > 1:
+                ax.plot(loads, values, marker="o", label=config)
+            else:
+                ax.bar(index, values[0], label=config)
+        if len(loads) > 1:
+            ax.set_xlabel("load (sessions/s)")
+        else:
+            ax.set_xticks([])
+            ax.set_xlabel(f"load {loads[0]:g} sessions/s")
         ax.set_ylabel("seconds")
         ax.set_title(name)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
