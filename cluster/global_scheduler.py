@@ -20,7 +20,7 @@ import asyncio
 from typing import Any
 
 from cluster.logs import serve_logger
-from cluster.placement import Placer
+from cluster.placement import LoadView, Placer
 from policies import InstanceLoad
 
 logger = serve_logger(__name__)
@@ -43,40 +43,24 @@ class GlobalScheduler:
     ) -> None:
         self._engines = engines
         self.placer = Placer(dispatch, metrics=metrics)
-        self._load_refresh_s = load_refresh_s
-        self._first_loads = asyncio.Event()
-        self._refresher: asyncio.Task[None] | None = None
+        self._view = LoadView(
+            self.placer, self._fetch_loads, period_s=load_refresh_s, source="the engines"
+        )
 
     async def place(
         self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
     ) -> dict[str, str]:
         """The instance for a new session of `prompt_tokens` tokens (the
         `affinity_instance` first, if the caller knows one and it is healthy)."""
-        await self._started()
-        decision = self.placer.place(session_id, prompt_tokens, affinity_instance)
+        placer = await self._view.ready()
+        decision = placer.place(session_id, prompt_tokens, affinity_instance)
         return {"instance_id": decision.instance_id, "reason": decision.reason}
 
     async def loads(self) -> list[dict[str, Any]]:
         """The latest load of every instance (decisions since the last refresh
         included)."""
-        await self._started()
-        return [vars(load) for load in self.placer.loads]
-
-    async def _started(self) -> None:
-        """Start the refresher on first use (the actor's event loop runs by
-        then) and wait for its first round."""
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
-        await self._first_loads.wait()
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            try:
-                self.placer.update(await self._fetch_loads())
-                self._first_loads.set()
-            except Exception:
-                logger.exception("load refresh failed; keeping the previous loads")
-            await asyncio.sleep(self._load_refresh_s)
+        placer = await self._view.ready()
+        return [vars(load) for load in placer.loads]
 
     async def _fetch_loads(self) -> list[InstanceLoad]:
         ids = list(self._engines)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from cluster.logs import request_id, serve_logger
@@ -86,6 +86,51 @@ class Placer:
         return decision
 
 
+class LoadView:
+    """A `Placer` kept fresh in the background: `fetch()` every `period_s`,
+    from a task started on first use (a Serve replica's event loop runs by
+    then), so that no placement waits for a round of load calls."""
+
+    def __init__(
+        self,
+        placer: Placer,
+        fetch: Callable[[], Awaitable[Iterable[InstanceLoad]]],
+        *,
+        period_s: float,
+        source: str,
+    ) -> None:
+        self._placer = placer
+        self._fetch = fetch
+        self._period_s = period_s
+        self._source = source
+        self._first_loads = asyncio.Event()
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def ready(self) -> Placer:
+        """The placer, once it has seen the loads at least once; raises
+        `NoInstanceAvailable` if that takes `FIRST_LOADS_TIMEOUT_S`."""
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        try:
+            await asyncio.wait_for(self._first_loads.wait(), FIRST_LOADS_TIMEOUT_S)
+        except TimeoutError:
+            raise NoInstanceAvailable(
+                f"no instance loads from {self._source} after {FIRST_LOADS_TIMEOUT_S:g} s"
+            ) from None
+        return self._placer
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                self._placer.update(await self._fetch())
+                self._first_loads.set()
+            except Exception:
+                logger.exception(
+                    "load refresh from %s failed; keeping the previous loads", self._source
+                )
+            await asyncio.sleep(self._period_s)
+
+
 class ViaScheduler:
     """Placement by the global scheduler: one Ray call per new session, every
     ingress replica's decisions made in one place."""
@@ -107,28 +152,16 @@ class InIngress:
         self, scheduler: Any, dispatch: dict[str, Any], *, metrics: bool, refresh_s: float
     ) -> None:
         self._scheduler = scheduler
-        self._placer = Placer(dispatch, metrics=metrics)
-        self._refresh_s = refresh_s
-        self._first_loads = asyncio.Event()
-        self._refresher: asyncio.Task[None] | None = None
+        self._view = LoadView(
+            Placer(dispatch, metrics=metrics),
+            self._fetch,
+            period_s=refresh_s,
+            source="the global scheduler",
+        )
 
     async def place(self, session_id: str | None, prompt_tokens: int) -> str:
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
-        try:
-            await asyncio.wait_for(self._first_loads.wait(), FIRST_LOADS_TIMEOUT_S)
-        except TimeoutError:
-            raise NoInstanceAvailable(
-                f"no instance loads from the global scheduler after {FIRST_LOADS_TIMEOUT_S:g} s"
-            ) from None
-        return self._placer.place(session_id, prompt_tokens).instance_id
+        placer = await self._view.ready()
+        return placer.place(session_id, prompt_tokens).instance_id
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            try:
-                loads = await self._scheduler.loads.remote()
-                self._placer.update(InstanceLoad(**load) for load in loads)
-                self._first_loads.set()
-            except Exception:
-                logger.exception("load refresh from the global scheduler failed")
-            await asyncio.sleep(self._refresh_s)
+    async def _fetch(self) -> list[InstanceLoad]:
+        return [InstanceLoad(**load) for load in await self._scheduler.loads.remote()]
