@@ -270,6 +270,9 @@ class Ingress:
             return await self._run_plan(engine, session_id, token_ids, body, chat=chat)
         if not ephemeral:
             await self._mark_generating(existing, session_id, instance_id)
+        turn = _Turn(
+            self, body, session_id, instance_id, ephemeral, chat, len(token_ids), started_s
+        )
         hints = {"tool": body.mars.tool, "api_s": body.mars.expected_api_s}
         events = engine.options(stream=True).generate.remote(
             session_id,
@@ -277,10 +280,7 @@ class Ingress:
             body.token_limit,
             {k: v for k, v in hints.items() if v is not None},
             [*body.stop_token_ids, *body.mars.tool_call_token_ids],
-            close=ephemeral or body.mars.close,
-        )
-        turn = _Turn(
-            self, body, session_id, instance_id, ephemeral, chat, len(token_ids), started_s
+            close=turn.closes_session,
         )
         if body.stream:
             return StreamingResponse(turn.sse(events), media_type="text/event-stream")
@@ -366,6 +366,11 @@ class _Turn:
         self.started_s = started_s
         self.first_token_s: float | None = None
 
+    @property
+    def closes_session(self) -> bool:
+        """The session's last turn: one-turn (no session id) or `mars.close`."""
+        return self.ephemeral or self.body.mars.close
+
     def _tokens_arrived(self) -> None:
         if self.first_token_s is None:
             self.first_token_s = time.monotonic()
@@ -424,7 +429,7 @@ class _Turn:
             chat=self.chat,
             mars={
                 "instance_id": self.instance_id,
-                "session_state": "closed" if self.ephemeral or self.body.mars.close else "paused",
+                "session_state": "closed" if self.closes_session else "paused",
                 "engine_s": end["engine_s"],
             },
             response_id=self.id,

@@ -76,7 +76,6 @@ def _start_head(cpus: int) -> None:
         capture_output=True,
         text=True,
         check=False,
-        env=serve_env(),
     )
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
@@ -153,7 +152,8 @@ def _wait_ready(endpoint: str, wait_s: float) -> None:
 
 def up(config_path: Path) -> str:
     config = load_serving_config(config_path)
-    # This process deploys too: its Serve client runs in the cluster's mode.
+    # Inherited by the `ray start` below, and this process deploys too: its
+    # Serve client runs in the cluster's mode.
     os.environ.update(serve_env())
     started_head = False
     if _ray_running():

@@ -18,7 +18,6 @@ scheduler's loads, and decides without a Ray call per session (see
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -46,7 +45,6 @@ class Placer:
         self._policy = make_dispatch_policy(dispatch["policy"], **dispatch.get("params", {}))
         self._state = DispatchState()
         self._loads: dict[str, InstanceLoad] = {}
-        self.decisions: collections.Counter[str] = collections.Counter()
         self._metrics = DispatchMetrics(dispatch["policy"]) if metrics else None
 
     def update(self, loads: Iterable[InstanceLoad]) -> None:
@@ -72,7 +70,6 @@ class Placer:
             raise
         chosen = decision.instance_id
         self._loads[chosen] = charge_placement(self._loads[chosen], prompt_tokens)
-        self.decisions[chosen] += 1
         if self._metrics is not None:
             self._metrics.record(chosen, dispatch_reason(affinity_instance, chosen))
         logger.info(

@@ -217,8 +217,8 @@ def charge_placement(load: InstanceLoad, prompt_tokens: int) -> InstanceLoad:
     queued: one more waiting request needing ``ceil(prompt_tokens /
     block_size)`` more blocks.
 
-    The global scheduler applies it to its cached load after each decision,
-    until the next refresh from the engine replaces the estimate with the
+    A placer (`cluster.placement`) applies it to its cached load after each
+    decision, until the next refresh replaces the estimate with the engine's
     real figures (Llumnix updates its instance info on dispatch the same way).
     """
     _check_non_negative_int("prompt_tokens", prompt_tokens)
