@@ -99,6 +99,24 @@ DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve" / "local-cpu.yaml"
 TOOL_HINT = "infercept_api"
 """`mars.tool` of every API call (the traces do not name their APIs)."""
 OVERHEAD_GOAL_MS = 10.0
+PROBE_SAMPLES = {
+    "http": "HTTP request",
+    "direct": "engine handle",
+    "http_engine": "engine (HTTP)",
+    "direct_engine": "engine (direct)",
+    "outside_ingress": "before/after ingress",
+    "ingress_own": "ingress own work",
+    "ingress_engine_hop": "ingress->engine hop",
+    "direct_engine_hop": "driver->engine hop",
+    "health": "GET /health",
+    "place": "scheduler.place",
+    "store": "store GET",
+}
+"""What the overhead probe times, and the printed names. The HTTP request's
+`Server-Timing` splits it: before/after the ingress handler (client, HAProxy,
+the replica's HTTP server), the handler's own work outside the engine call,
+and the Ray hop to the engine net of the engine's own time; the driver's hop
+to the engine is its direct counterpart."""
 PROBE_PROMPT_TOKENS = 8
 """Probe prompts stay under one KV block, so no probe hits the prefix cache."""
 PROBE_WARMUP = 5
@@ -527,6 +545,24 @@ def error_row(workload: Workload, load_rps: float, config: BenchConfig, error: s
     }
 
 
+def parse_server_timing(header: str) -> dict[str, float]:
+    """The ``name;dur=<ms>`` entries of a `Server-Timing` header, in seconds.
+
+    Raises TurnError when the header is missing or malformed: the probe's
+    split needs it, and a silent zero would hide where the time went."""
+    timing = {}
+    for entry in filter(None, (part.strip() for part in header.split(","))):
+        name, _, params = entry.partition(";")
+        duration = dict(p.strip().split("=", 1) for p in params.split(";") if "=" in p)
+        if "dur" not in duration:
+            raise TurnError(f"Server-Timing entry {entry!r} has no dur")
+        timing[name.strip()] = float(duration["dur"]) / 1000.0
+    missing = {"ingress", "engine_call", "engine"} - timing.keys()
+    if missing:
+        raise TurnError(f"Server-Timing {header!r} lacks {sorted(missing)}")
+    return timing
+
+
 def latency_summary_ms(values: Sequence[float]) -> dict[str, float | None]:
     """p50 / p99 / mean / max of seconds, in milliseconds."""
     ms = [v * 1000.0 for v in values]
@@ -603,22 +639,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def format_overhead(report: dict[str, Any]) -> str:
     """The printed overhead table and the verdict on the p99 goal."""
-    names = {
-        "http": "HTTP request",
-        "direct": "engine handle",
-        "http_engine": "engine (HTTP)",
-        "direct_engine": "engine (direct)",
-        "added_raw": "added, raw",
-        "added": "added, net",
-        "health": "GET /health",
-        "place": "scheduler.place",
-        "store": "store GET",
-    }
-    lines = [f"{'':<16} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'max ms':>8}"]
+    names = {**PROBE_SAMPLES, "added_raw": "added, raw", "added": "added, net"}
+    lines = [f"{'':<22} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'max ms':>8}"]
     for key, name in names.items():
-        s = report["summary_ms"][key]
+        s = report["summary_ms"].get(key)
+        if s is None:  # a report written before the probe timed this
+            continue
         cells = " ".join("       -" if s[q] is None else f"{s[q]:>8.2f}" for q in s)
-        lines.append(f"{name:<16} {cells}")
+        lines.append(f"{name:<22} {cells}")
     verdict = "MET" if report["goal_met"] else "NOT MET"
     lines.append(
         f"goal: p99 added (net of each request's engine time) < "
@@ -791,10 +819,7 @@ async def measure_overhead(
     scheduler = serve.get_deployment_handle("global-scheduler", app_name=app_name)
     engines: dict[str, Any] = {}
     store = redis.Redis.from_url(probe.redis_url)
-    samples: dict[str, list[float]] = {
-        k: []
-        for k in ("http", "direct", "http_engine", "direct_engine", "health", "place", "store")
-    }
+    samples: dict[str, list[float]] = {k: [] for k in PROBE_SAMPLES}
 
     async def timed(call: Callable[[], Any]) -> float:
         """Seconds to issue and await `call()` (Serve sends on `.remote()`)."""
@@ -802,8 +827,8 @@ async def measure_overhead(
         await call()
         return time.perf_counter() - start
 
-    async def over_http(http: Any, text: str) -> tuple[float, float, str]:
-        """(seconds, the engine's own seconds, the instance)."""
+    async def over_http(http: Any, text: str) -> tuple[float, dict[str, float], str]:
+        """(seconds, the ingress's `Server-Timing` in seconds, the instance)."""
         body = {"model": model, "prompt": text, "max_tokens": 1}
         start = time.perf_counter()
         async with http.post(f"{url}/v1/completions", json=body) as response:
@@ -811,7 +836,8 @@ async def measure_overhead(
         elapsed = time.perf_counter() - start
         if response.status != 200:
             raise TurnError(f"probe HTTP {response.status}: {reply}")
-        return elapsed, reply["mars"]["engine_s"], reply["mars"]["instance_id"]
+        timing = parse_server_timing(response.headers.get("Server-Timing", ""))
+        return elapsed, timing, reply["mars"]["instance_id"]
 
     async def direct(
         instance_id: str, token_ids: list[int], session_id: str
@@ -841,18 +867,22 @@ async def measure_overhead(
         text = filler_text(PROBE_PROMPT_TOKENS, f"probe:{seed}:{name}", probe.words)
         token_ids = probe.tokenizer.encode(text)  # as the ingress: start token + text
         if first_http:
-            http_s, http_engine_s, instance = await over_http(http, text)
+            http_s, server, instance = await over_http(http, text)
             await asyncio.sleep(PROBE_SETTLE_S)
             direct_s, direct_engine_s = await direct(instance, token_ids, f"probe-direct-{name}")
         else:
             direct_s, direct_engine_s = await direct(guess, token_ids, f"probe-direct-{name}")
             await asyncio.sleep(PROBE_SETTLE_S)
-            http_s, http_engine_s, instance = await over_http(http, text)
+            http_s, server, instance = await over_http(http, text)
         timings = {
             "http": http_s,
             "direct": direct_s,
-            "http_engine": http_engine_s,
+            "http_engine": server["engine"],
             "direct_engine": direct_engine_s,
+            "outside_ingress": http_s - server["ingress"],
+            "ingress_own": server["ingress"] - server["engine_call"],
+            "ingress_engine_hop": server["engine_call"] - server["engine"],
+            "direct_engine_hop": direct_s - direct_engine_s,
         }
         return timings, instance
 

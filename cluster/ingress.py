@@ -365,6 +365,8 @@ class _Turn:
         self.request_id = request_id()
         self.started_s = started_s
         self.first_token_s: float | None = None
+        self.engine_wait_s = 0.0
+        """Seconds spent awaiting the engine's events (the `Server-Timing` split)."""
 
     @property
     def closes_session(self) -> bool:
@@ -413,14 +415,16 @@ class _Turn:
 
     async def complete(self, events) -> JSONResponse:
         end = None
+        waiting_since = time.monotonic()
         async for event in events:
             if "tokens" in event:
                 self._tokens_arrived()
             elif "end" in event:
                 end = event
+        self.engine_wait_s = time.monotonic() - waiting_since
         await self._finish(end)
         text = self.ingress.decode(end["token_ids"])
-        return _response(
+        response = _response(
             self.body,
             self.session_id,
             text,
@@ -434,6 +438,18 @@ class _Turn:
             },
             response_id=self.id,
         )
+        response.headers["Server-Timing"] = self._server_timing(end["engine_s"])
+        return response
+
+    def _server_timing(self, engine_s: float) -> str:
+        """A W3C `Server-Timing` header (milliseconds): the time in this
+        ingress (``ingress``, from the handler's start to the response), the
+        part of it spent awaiting the engine's events (``engine_call``, the
+        Ray call included) and the engine replica's own time (``engine``).
+        Clients and the overhead probe read where a request's time went."""
+        ingress_s = time.monotonic() - self.started_s
+        parts = {"ingress": ingress_s, "engine_call": self.engine_wait_s, "engine": engine_s}
+        return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts.items())
 
     async def sse(self, events) -> AsyncIterator[str]:
         try:

@@ -19,6 +19,7 @@ from bench.http_bench import (
     overhead_report,
     parse_args,
     parse_config,
+    parse_server_timing,
     parse_sse_line,
     serving_config,
     session_turns,
@@ -189,6 +190,26 @@ def _engine(segments: int, *, recomputed: int = 0, demotions=()) -> dict:
         "timeline": [{"event": "paused"}]
         + [{"event": "demoted", "strategy": s} for s in demotions],
     }
+
+
+def test_parse_server_timing_reads_milliseconds_as_seconds() -> None:
+    header = "ingress;dur=7.5, engine_call;dur=5.000, engine;desc=step;dur=2"
+    assert parse_server_timing(header) == pytest.approx(
+        {"ingress": 0.0075, "engine_call": 0.005, "engine": 0.002}
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "named"),
+    [
+        ("", "lacks"),
+        ("ingress;dur=1, engine_call;dur=1", "engine"),
+        ("ingress, engine;dur=1", "dur"),
+    ],
+)
+def test_parse_server_timing_refuses_a_missing_part(header: str, named: str) -> None:
+    with pytest.raises(TurnError, match=named):
+        parse_server_timing(header)
 
 
 def test_kv_counters_sum_the_engine_records() -> None:
