@@ -38,13 +38,27 @@ Policies:
 - ``mars_aware``: affinity first, as ``session_affinity`` (the session's KV is
   there); otherwise the highest `mars_aware_score`::
 
-      freeness = per_running(free_blocks - waiting_demand_blocks
-                             - paused_released_blocks, running)
-      score    = freeness - backlog_weight * predicted_backlog / block_size
+      returning = sum(blocks * max(0, 1 - remaining_s / return_horizon_s)
+                      for remaining_s, blocks in paused_returns)
+      freeness  = per_running(free_blocks - waiting_demand_blocks - returning,
+                              running)
+      score     = freeness - backlog_weight * predicted_backlog / block_size
 
   Paused sessions whose KV was discarded or swapped out will need their
   blocks again when their API call returns, so those blocks are not really
-  free; blocks that paused sessions hold now (`paused_preserved_blocks`) are
+  free. How much they compete with a session placed now depends on when
+  they come back: one due during the new session's prefill and first
+  segment takes blocks it needs, one due long after does not (by then the
+  loads have been refreshed many times and the engine's admission and
+  demotions have settled who holds what). So `returning_blocks` weighs each
+  paused session's blocks by its predicted time to return, linearly: fully
+  when due now (overdue calls and calls with no prediction count as due
+  now, see `policies.predictors.remaining_call_s`), not at all at or beyond
+  `return_horizon_s`. Counting them all in full, whatever their return time,
+  piled new sessions on one instance in the HTTP benchmark. An instance that
+  reports `paused_released_blocks` but no `paused_returns` (an engine that
+  does not report returns) has all its released blocks counted in full.
+  Blocks that paused sessions hold now (`paused_preserved_blocks`) are
   already outside `free_blocks` and count as used: the score does not assume
   the engine will demote them. The backlog term turns the engine's predicted
   memory over time (token*s) into block*s and charges `backlog_weight` blocks
@@ -82,6 +96,16 @@ def _check_non_negative_float(name: str, value: object) -> None:
         or value < 0
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_positive_float(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_id(name: str, value: object, optional: bool) -> None:
@@ -128,6 +152,12 @@ class InstanceLoad:
     """False: the instance must not get new work (failed, draining, unreachable)."""
     block_size: int = 32
     """Tokens per KV block."""
+    paused_returns: tuple[tuple[float, int], ...] = ()
+    """One ``(remaining_s, blocks)`` pair per paused session counted in
+    `paused_released_blocks`: the seconds until its API call is predicted to
+    return (0: due now) and the blocks it will need then. Empty when the
+    engine does not report them; lists (as an engine sends them) are turned
+    into tuples."""
 
     def __post_init__(self) -> None:
         _check_id("instance_id", self.instance_id, optional=False)
@@ -162,6 +192,28 @@ class InstanceLoad:
             raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
+        object.__setattr__(self, "paused_returns", _checked_returns(self.paused_returns))
+
+
+def _checked_returns(returns: object) -> tuple[tuple[float, int], ...]:
+    """`InstanceLoad.paused_returns` as a tuple of ``(remaining_s, blocks)``
+    tuples; raises ValueError naming the bad entry."""
+    if not isinstance(returns, list | tuple):
+        raise ValueError(
+            f"paused_returns must be a list or tuple of (remaining_s, blocks) pairs, "
+            f"got {returns!r}"
+        )
+    checked = []
+    for i, pair in enumerate(returns):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ValueError(
+                f"paused_returns[{i}] must be a (remaining_s, blocks) pair, got {pair!r}"
+            )
+        remaining_s, blocks = pair
+        _check_non_negative_float(f"paused_returns[{i}] remaining_s", remaining_s)
+        _check_non_negative_int(f"paused_returns[{i}] blocks", blocks)
+        checked.append((float(remaining_s), blocks))
+    return tuple(checked)
 
 
 @dataclass(frozen=True)
@@ -228,9 +280,22 @@ def charge_placement(load: InstanceLoad, prompt_tokens: int) -> InstanceLoad:
     )
 
 
-def mars_aware_score(load: InstanceLoad, backlog_weight: float) -> float:
+def returning_blocks(load: InstanceLoad, return_horizon_s: float) -> float:
+    """Paused sessions' released blocks as competing with a session placed
+    now: each session's blocks times ``max(0, 1 - remaining_s /
+    return_horizon_s)``, or all of `paused_released_blocks` when the load
+    has no `paused_returns` (module docstring)."""
+    if not load.paused_returns:
+        return float(load.paused_released_blocks)
+    return sum(
+        blocks * max(0.0, 1.0 - remaining_s / return_horizon_s)
+        for remaining_s, blocks in load.paused_returns
+    )
+
+
+def mars_aware_score(load: InstanceLoad, backlog_weight: float, return_horizon_s: float) -> float:
     """MARS-aware placement score (higher is better); see the module docstring."""
-    free = load.free_blocks - load.waiting_demand_blocks - load.paused_released_blocks
+    free = load.free_blocks - load.waiting_demand_blocks - returning_blocks(load, return_horizon_s)
     freeness = per_running(free, load.running)
     return freeness - backlog_weight * load.predicted_backlog / load.block_size
 
@@ -415,13 +480,18 @@ class MarsAwareDispatch(DispatchPolicy):
 
     backlog_weight: float = 1e-3
     """Blocks of freeness charged per block*s of predicted backlog (>= 0)."""
+    return_horizon_s: float = 5.0
+    """Seconds ahead a paused session's return competes with a session placed
+    now (> 0): its blocks count fully when due now, less the later it is due,
+    and not at all from this horizon on (`returning_blocks`)."""
 
     def __post_init__(self) -> None:
         _check_non_negative_float("backlog_weight", self.backlog_weight)
+        _check_positive_float("return_horizon_s", self.return_horizon_s)
 
     def score(self, load: InstanceLoad) -> float:
-        """`mars_aware_score` of `load` under this policy's weight."""
-        return mars_aware_score(load, self.backlog_weight)
+        """`mars_aware_score` of `load` under this policy's parameters."""
+        return mars_aware_score(load, self.backlog_weight, self.return_horizon_s)
 
     def pick(
         self,

@@ -193,3 +193,24 @@ def expected_call_s(predicted_s: float, elapsed_s: float) -> float:
     however long it actually takes.
     """
     return max(_check_value("predicted_s", predicted_s), _check_value("elapsed_s", elapsed_s))
+
+
+def remaining_call_s(predicted_s: float | None, elapsed_s: float) -> float:
+    """Seconds until a running API call is predicted to return, `elapsed_s`
+    into it (a paused session's ``paused_returns`` entry for dispatch).
+
+    ``expected_call_s(predicted_s, elapsed_s) - elapsed_s``: the rest of the
+    prediction while the call is within it, and 0 (due now) once the call has
+    outrun it or when there is no prediction (`predicted_s` None). Due now is
+    the conservative reading for placement: an overdue call's prediction has
+    proved wrong, so its session's KV blocks are counted as needed at any
+    moment rather than assumed far off. `expected_call_s` reads an overdue
+    call the other way (at least as long again) because each errs towards the
+    safe side of its own decision: demotion frees the blocks of a call that
+    may run long, placement keeps room for a session that may return now.
+    Due now also keeps the estimate continuous: it counts down to 0 and stays.
+    """
+    if predicted_s is None:
+        _check_value("elapsed_s", elapsed_s)
+        return 0.0
+    return max(0.0, expected_call_s(predicted_s, elapsed_s) - elapsed_s)

@@ -41,7 +41,7 @@ from policies import (
     make_engine_policy,
 )
 from policies.memory import memory_over_time_columns
-from policies.predictors import expected_call_s
+from policies.predictors import expected_call_s, remaining_call_s
 from policies.types import RequestColumns
 from workers.hints import SegmentHints
 from workers.kv_connector import MarsKVConnector
@@ -473,11 +473,21 @@ class MarsScheduler(Scheduler):
     def free_blocks(self) -> int:
         return self.kv_cache_manager.block_pool.get_num_free_blocks()
 
-    def load_snapshot(self) -> dict[str, int | float]:
-        """This instance's load, as the global scheduler's `InstanceLoad` needs it."""
+    def load_snapshot(self) -> dict[str, int | float | list[tuple[float, int]]]:
+        """This instance's load, as the global scheduler's `InstanceLoad` needs it.
+
+        ``paused_returns`` holds one ``(remaining_s, blocks)`` pair per paused
+        session whose KV was discarded or swapped out (the sessions and blocks
+        summed in ``paused_released_blocks``): the seconds until its API call
+        is predicted to return (`remaining_call_s`: 0 once overdue or without
+        a prediction) and the blocks it will need again, so that placement can
+        weigh each by how soon it comes back.
+        """
         blocks = self._blocks_for
+        now = time.monotonic()
         ready = [r for r in self.waiting if r.status in _READY]
         preserved = released = 0
+        returns: list[tuple[float, int]] = []
         paused = dict.fromkeys(Strategy, 0)
         for request in [*self.waiting, *self.kv_holding_waiting]:
             record = self.records[request.request_id]
@@ -488,7 +498,10 @@ class MarsScheduler(Scheduler):
                 (held,) = self.kv_cache_manager.get_block_ids(request.request_id)
                 preserved += len(held)
             else:
-                released += blocks(record.frontier_tokens)
+                needed = blocks(record.frontier_tokens)
+                released += needed
+                remaining = remaining_call_s(record.predicted_api_s, now - record.paused_at_s)
+                returns.append((remaining, needed))
         backlog = 0.0
         if ready:
             columns = self._columns(ready)
@@ -502,6 +515,7 @@ class MarsScheduler(Scheduler):
             "waiting_demand_blocks": sum(blocks(r.num_tokens) for r in ready),
             "paused_preserved_blocks": preserved,
             "paused_released_blocks": released,
+            "paused_returns": returns,
             "paused_preserved_sessions": paused[Strategy.PRESERVE],
             "paused_discarded_sessions": paused[Strategy.DISCARD],
             "paused_swapped_sessions": paused[Strategy.SWAP],

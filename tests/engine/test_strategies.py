@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from policies import InstanceLoad
 from tests.engine.helpers import (
     DISCARD_IS_CHEAP,
     PRESERVE_IS_CHEAP,
@@ -97,6 +98,13 @@ def test_discard_frees_blocks_and_recomputes_the_context(tiny_model_dir):
         (kept,) = _demoted(engine, sessions, "preserve")
         assert _blocks(engine, discarded) == []
         assert engine.scheduler.free_blocks() >= free_before + 4 - 1
+        # The placement snapshot: 4 blocks to come back when the 100 s call returns.
+        snapshot = engine.scheduler.load_snapshot()
+        assert snapshot["paused_released_blocks"] == 4
+        ((remaining_s, blocks),) = snapshot["paused_returns"]
+        assert blocks == 4
+        assert 90.0 < remaining_s <= LONG_CALL.api_s
+        assert InstanceLoad(instance_id="i", **snapshot).paused_returns == ((remaining_s, 4),)
 
         _resume_both(engine, sessions)
         record = engine.record(discarded.session_id)

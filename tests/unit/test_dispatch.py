@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import pickle
 import subprocess
 import sys
 
@@ -20,7 +22,7 @@ from policies import (
     dispatch_policy_names,
     make_dispatch_policy,
 )
-from policies.dispatch import llumnix_freeness, mars_aware_score
+from policies.dispatch import llumnix_freeness, mars_aware_score, returning_blocks
 
 START = DispatchState()
 
@@ -35,6 +37,7 @@ def load(
     backlog: float = 0.0,
     healthy: bool = True,
     total: int = 100,
+    returns: tuple[tuple[float, int], ...] = (),
 ) -> InstanceLoad:
     return InstanceLoad(
         instance_id=instance_id,
@@ -47,6 +50,7 @@ def load(
         paused_released_blocks=released,
         predicted_backlog=backlog,
         healthy=healthy,
+        paused_returns=returns,
     )
 
 
@@ -88,6 +92,12 @@ def test_unknown_parameter_is_named(name: str) -> None:
 def test_invalid_backlog_weight_is_named(bad: object) -> None:
     with pytest.raises(ValueError, match="backlog_weight"):
         make_dispatch_policy("mars_aware", backlog_weight=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), True, "5"])
+def test_invalid_return_horizon_is_named(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"return_horizon_s must be a finite number > 0"):
+        make_dispatch_policy("mars_aware", return_horizon_s=bad)
 
 
 @pytest.mark.parametrize("bad", ["nope", "session_affinity", 3])
@@ -179,8 +189,8 @@ def test_least_load_returns_state_unchanged() -> None:
 def test_mars_aware_score_by_hand() -> None:
     # (40 - 10 - 20) / 2 = 5; backlog 6400 token*s / 32 = 200 block*s; 5 - 0.01 * 200 = 3.
     x = load("x", free=40, running=2, demand=10, preserved=30, released=20, backlog=6400.0)
-    assert mars_aware_score(x, 0.01) == pytest.approx(3.0)
-    assert mars_aware_score(x, 0.0) == pytest.approx(5.0)
+    assert mars_aware_score(x, 0.01, 5.0) == pytest.approx(3.0)
+    assert mars_aware_score(x, 0.0, 5.0) == pytest.approx(5.0)
 
 
 def test_least_load_and_mars_aware_disagree_over_released_blocks() -> None:
@@ -201,7 +211,7 @@ def test_mars_aware_counts_preserved_blocks_as_used_not_reclaimable() -> None:
     # and are not added back, so the two tie and the smaller id wins.
     loads = [load("b", free=20, preserved=0), load("a", free=20, preserved=60)]
     assert choose("mars_aware", loads).instance_id == "a"
-    assert mars_aware_score(loads[0], 0.0) == mars_aware_score(loads[1], 0.0) == 20.0
+    assert mars_aware_score(loads[0], 0.0, 5.0) == mars_aware_score(loads[1], 0.0, 5.0) == 20.0
 
 
 def test_mars_aware_backlog_weight_trades_against_freeness() -> None:
@@ -218,6 +228,60 @@ def test_mars_aware_backlog_weight_trades_against_freeness() -> None:
 def test_mars_aware_backlog_breaks_ties_before_the_id() -> None:
     loads = [load("a", free=20, backlog=500.0), load("b", free=20, backlog=100.0)]
     assert choose("mars_aware", loads, backlog_weight=0.0).instance_id == "b"
+
+
+def test_returning_blocks_by_hand() -> None:
+    assert returning_blocks(load("x", 50, released=8, returns=((0.0, 8),)), 5.0) == 8.0
+    # Half the horizon away: 8 * (1 - 2.5 / 5) = 4.
+    assert returning_blocks(load("x", 50, released=8, returns=((2.5, 8),)), 5.0) == 4.0
+    # At or beyond the horizon: nothing.
+    beyond = load("x", 50, released=14, returns=((5.0, 8), (20.0, 6)))
+    assert returning_blocks(beyond, 5.0) == 0.0
+    # 4 * 1 + 10 * (1 - 1 / 5) + 6 * (1 - 2.5 / 5) + 100 * 0 = 4 + 8 + 3 = 15.
+    mixed = load("x", 50, released=120, returns=((0.0, 4), (1.0, 10), (2.5, 6), (7.0, 100)))
+    assert returning_blocks(mixed, 5.0) == pytest.approx(15.0)
+    # A longer horizon weighs the same returns more: 4 + 9.5 + 8.75 + 30 = 52.25.
+    assert returning_blocks(mixed, 10.0) == pytest.approx(4 + 10 * 0.9 + 6 * 0.75 + 100 * 0.3)
+    assert returning_blocks(load("x", 50), 5.0) == 0.0
+
+
+def test_returning_blocks_without_returns_counts_released_blocks_in_full() -> None:
+    # An engine that reports released blocks but no returns: the old full count.
+    old = load("x", free=40, running=2, released=12)
+    assert returning_blocks(old, 5.0) == returning_blocks(old, 0.001) == 12.0
+    assert mars_aware_score(old, 0.0, 5.0) == (40 - 12) / 2
+
+
+def test_mars_aware_score_weighs_returns_by_hand() -> None:
+    x = load(
+        "x",
+        free=40,
+        running=2,
+        demand=10,
+        released=20,
+        returns=((1.0, 10), (10.0, 10)),
+        backlog=6400.0,
+    )
+    # Horizon 5: returning 10 * 0.8 + 0 = 8; (40 - 10 - 8) / 2 = 11; 11 - 0.01 * 200 = 9.
+    assert mars_aware_score(x, 0.01, 5.0) == pytest.approx(9.0)
+    # Horizon 20: 10 * 0.95 + 10 * 0.5 = 14.5; (40 - 10 - 14.5) / 2 = 7.75; - 2 = 5.75.
+    assert mars_aware_score(x, 0.01, 20.0) == pytest.approx(5.75)
+
+
+def test_mars_aware_prefers_blocks_returning_late_over_blocks_returning_now() -> None:
+    loads = [
+        load("a", free=20, released=8, returns=((20.0, 8),)),  # 8 blocks back in 20 s
+        load("b", free=20, released=4, returns=((0.0, 4),)),  # 4 blocks back now
+    ]
+    # Horizon 5 (the default): a = 20 - 0 = 20, b = 20 - 4 = 16.
+    decision = choose("mars_aware", loads)
+    assert decision == DispatchDecision("a", "mars_aware (no affinity instance): score 20")
+    assert choose("mars_aware", loads, return_horizon_s=5.0).instance_id == "a"
+    # Counting every released block in full (no returns reported): a = 12, b = 16.
+    full = [dataclasses.replace(x, paused_returns=()) for x in loads]
+    assert choose("mars_aware", full).instance_id == "b"
+    # A horizon far beyond every return comes back to the full count.
+    assert choose("mars_aware", loads, return_horizon_s=1e9).instance_id == "b"
 
 
 def test_mars_aware_prefers_healthy_affinity_over_load() -> None:
@@ -310,7 +374,7 @@ def test_ties_go_to_the_smallest_id_whatever_the_order(name: str) -> None:
 def test_decisions_do_not_depend_on_load_order(name: str) -> None:
     loads = [
         load("a", free=40, running=2, released=30, backlog=100.0),
-        load("b", free=30, running=2, demand=5),
+        load("b", free=30, running=2, demand=5, released=30, returns=((1.0, 20), (9.0, 10))),
         load("c", free=35, running=3, preserved=20),
         load("d", free=90, healthy=False),
     ]
@@ -369,6 +433,41 @@ def test_preserved_blocks_are_not_free() -> None:
 def test_invalid_load_fields_are_named(field: str, bad: object) -> None:
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(load("a", 10), **{field: bad})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        "ab",
+        ((1.0,),),
+        [[1.0, 2, 3]],
+        (3,),
+        ((-1.0, 2),),
+        ((math.nan, 2),),
+        ((math.inf, 2),),
+        ((True, 2),),
+        (("1", 2),),
+        ((1.0, -1),),
+        ((1.0, 1.5),),
+        ((1.0, False),),
+    ],
+)
+def test_invalid_paused_returns_are_named(bad: object) -> None:
+    with pytest.raises(ValueError, match="paused_returns"):
+        load("a", 10, released=2, returns=bad)  # type: ignore[arg-type]
+
+
+def test_paused_returns_from_the_engine_become_tuples_and_travel() -> None:
+    # The engine's snapshot sends lists (or tuples); the load holds tuples, so
+    # it stays hashable and survives pickling and `vars` round trips (the
+    # global scheduler hands `vars(load)` to the ingress's placer).
+    x = load("a", 10, released=4, returns=[[0.5, 3], (2, 1)])  # type: ignore[arg-type]
+    assert x.paused_returns == ((0.5, 3), (2.0, 1))
+    assert hash(x) == hash(load("a", 10, released=4, returns=((0.5, 3), (2.0, 1))))
+    assert pickle.loads(pickle.dumps(x)) == x
+    assert InstanceLoad(**vars(x)) == x
+    assert charge_placement(x, 64).paused_returns == x.paused_returns
 
 
 @pytest.mark.parametrize(
@@ -446,6 +545,6 @@ def test_at_equal_deficit_the_busier_instance_ranks_lower(name: str) -> None:
 def test_mars_aware_deficit_counts_released_blocks() -> None:
     # a: (10 - 0 - 30) * 4 = -80; b: (5 - 0 - 10) * 6 = -30.
     loads = [load("a", free=10, running=4, released=30), load("b", free=5, running=6, released=10)]
-    assert mars_aware_score(loads[0], 0.0) == -80.0
-    assert mars_aware_score(loads[1], 0.0) == -30.0
+    assert mars_aware_score(loads[0], 0.0, 5.0) == -80.0
+    assert mars_aware_score(loads[1], 0.0, 5.0) == -30.0
     assert choose("mars_aware", loads).instance_id == "b"

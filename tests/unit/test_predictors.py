@@ -12,6 +12,7 @@ from policies.predictors import (
     DecodeLengthPredictor,
     StreamingStat,
     expected_call_s,
+    remaining_call_s,
 )
 
 
@@ -160,3 +161,16 @@ def test_expected_call_is_the_prediction_until_the_call_outruns_it() -> None:
     assert expected_call_s(0.0, 0.2) == 0.2
     with pytest.raises(ValueError, match="elapsed_s"):
         expected_call_s(1.0, -1.0)
+
+
+def test_remaining_call_counts_down_to_due_now_and_stays_there() -> None:
+    assert remaining_call_s(5.0, 0.0) == 5.0
+    assert remaining_call_s(5.0, 1.5) == 3.5
+    assert remaining_call_s(5.0, 5.0) == 0.0
+    assert remaining_call_s(5.0, 30.0) == 0.0  # overdue: due now, not "as long again"
+    assert remaining_call_s(None, 2.0) == 0.0  # no prediction: due now
+    for predicted in (1.0, None):
+        with pytest.raises(ValueError, match="elapsed_s"):
+            remaining_call_s(predicted, -1.0)
+    with pytest.raises(ValueError, match="predicted_s"):
+        remaining_call_s(-1.0, 0.0)
