@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 
 from cluster.global_scheduler import LOAD_REFRESH_S
 from cluster.logs import request_id, serve_logger
@@ -35,7 +36,7 @@ from cluster.metrics import IngressMetrics, TurnTiming
 from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, _Common
 from cluster.state_store import SessionRecord, SessionState, UnknownSession, make_state_store
-from policies import NoInstanceAvailable
+from policies import DispatchDecision, NoInstanceAvailable
 
 logger = serve_logger(__name__)
 
@@ -253,15 +254,18 @@ class Ingress:
         if existing is not None:
             # The session's KV (preserved, swapped or to recompute) lives on its
             # instance: every later turn goes there, whatever the placement policy.
-            instance_id = existing.instance_id
+            instance_id, placed = existing.instance_id, "session"
         else:
-            instance_id = await self._place(session_id, len(token_ids))
+            decision = await self._place(session_id, len(token_ids))
+            instance_id, placed = decision.instance_id, decision.reason
         engine = self._engines[instance_id]
         logger.info(
-            "turn start session=%s request=%s instance=%s prompt_tokens=%d stream=%s plan=%s",
+            "turn start session=%s request=%s instance=%s placed=%r prompt_tokens=%d "
+            "stream=%s plan=%s",
             session_id,
             request_id(),
             instance_id,
+            placed,
             len(token_ids),
             body.stream,
             body.mars.plan is not None,
@@ -286,7 +290,7 @@ class Ingress:
             return StreamingResponse(turn.sse(events), media_type="text/event-stream")
         return await turn.complete(events)
 
-    async def _place(self, session_id: str, prompt_tokens: int) -> str:
+    async def _place(self, session_id: str, prompt_tokens: int) -> DispatchDecision:
         try:
             return await self._placement.place(session_id, prompt_tokens)
         except NoInstanceAvailable as exc:
@@ -377,13 +381,18 @@ class _Turn:
         if self.first_token_s is None:
             self.first_token_s = time.monotonic()
 
-    async def _finish(self, end: dict[str, Any]) -> None:
-        """The turn is over: pause or close the session, record its latency,
-        log it."""
+    async def _finish(self, end: dict[str, Any]) -> TurnTiming:
+        """The turn is over: pause or close the session in the store before
+        the client hears of it (its next turn must find the session paused),
+        and take the turn's timing."""
         await self.ingress._end_turn(self, end)
-        timing = TurnTiming(
+        return TurnTiming(
             self.started_s, self.first_token_s, time.monotonic(), len(end["token_ids"])
         )
+
+    async def _record(self, end: dict[str, Any], timing: TurnTiming) -> None:
+        """The turn's metrics and end-of-turn log line, once the response is
+        out: off the request's latency path."""
         if self.ingress.metrics is not None:
             self.ingress.metrics.observe_turn(self.instance_id, timing)
         logger.info(
@@ -422,7 +431,7 @@ class _Turn:
             elif "end" in event:
                 end = event
         self.engine_wait_s = time.monotonic() - waiting_since
-        await self._finish(end)
+        timing = await self._finish(end)
         text = self.ingress.decode(end["token_ids"])
         response = _response(
             self.body,
@@ -439,6 +448,7 @@ class _Turn:
             response_id=self.id,
         )
         response.headers["Server-Timing"] = self._server_timing(end["engine_s"])
+        response.background = BackgroundTask(self._record, end, timing)
         return response
 
     def _server_timing(self, engine_s: float) -> str:
@@ -452,13 +462,14 @@ class _Turn:
         return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts.items())
 
     async def sse(self, events) -> AsyncIterator[str]:
+        ended: tuple[dict[str, Any], TurnTiming] | None = None
         try:
             async for event in events:
                 if "tokens" in event:
                     self._tokens_arrived()
                     yield _sse(self._chunk(self.ingress.decode(event["tokens"]), None))
                 elif "end" in event:
-                    await self._finish(event)
+                    ended = event, await self._finish(event)
                     yield _sse(self._chunk("", self._finish_reason(event)))
         except Exception as exc:  # the stream has started: report in-band
             logger.exception(
@@ -469,6 +480,8 @@ class _Turn:
             )
             yield _sse({"error": {"message": str(exc), "type": "server_error"}})
         yield "data: [DONE]\n\n"
+        if ended is not None:  # the client has its last chunk: record off its path
+            await self._record(*ended)
 
     def _chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         if self.chat:

@@ -6,8 +6,10 @@ the latest load of every instance; each decision is charged to the chosen
 instance's cached load (`charge_placement`) until the next refresh replaces
 the view, so a burst of new sessions spreads out instead of landing on
 whichever instance looked freest at the last refresh. Decisions are logged
-with their session and request, and counted in ``mars_dispatch_decisions``
-when metrics are on.
+with their session and request at DEBUG level (the ingress logs each turn's
+instance and placement reason at INFO, in its turn-start line: one line per
+request on the response path, not two), and counted in
+``mars_dispatch_decisions`` when metrics are on.
 
 The global scheduler hosts one (the application's authority, refreshed from
 the engines); a lone ingress replica hosts another, fed with the global
@@ -72,7 +74,7 @@ class Placer:
         self._loads[chosen] = charge_placement(self._loads[chosen], prompt_tokens)
         if self._metrics is not None:
             self._metrics.record(chosen, dispatch_reason(affinity_instance, chosen))
-        logger.info(
+        logger.debug(
             "placed session=%s request=%s instance=%s affinity=%s reason=%s",
             session_id,
             request_id(),
@@ -135,9 +137,9 @@ class ViaScheduler:
     def __init__(self, scheduler: Any) -> None:
         self._scheduler = scheduler
 
-    async def place(self, session_id: str | None, prompt_tokens: int) -> str:
+    async def place(self, session_id: str | None, prompt_tokens: int) -> DispatchDecision:
         placed = await self._scheduler.place.remote(session_id, prompt_tokens)
-        return placed["instance_id"]
+        return DispatchDecision(placed["instance_id"], placed["reason"])
 
 
 class InIngress:
@@ -156,9 +158,9 @@ class InIngress:
             source="the global scheduler",
         )
 
-    async def place(self, session_id: str | None, prompt_tokens: int) -> str:
+    async def place(self, session_id: str | None, prompt_tokens: int) -> DispatchDecision:
         placer = await self._view.ready()
-        return placer.place(session_id, prompt_tokens).instance_id
+        return placer.place(session_id, prompt_tokens)
 
     async def _fetch(self) -> list[InstanceLoad]:
         return [InstanceLoad(**load) for load in await self._scheduler.loads.remote()]
