@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
-from cluster.logs import request_id, serve_logger
+from cluster.logs import adopt_into_serve_log, request_id, serve_logger
 from cluster.metrics import EngineMetrics
 from workers.async_engine import AsyncMarsEngine, ChunkEnd, TokenDelta
 from workers.engine import AugmentedRequest, EngineConfig, MarsEngine, Segment
@@ -51,6 +51,7 @@ class EngineInstance:
         metrics: bool,
     ) -> None:
         self.instance_id = instance_id
+        adopt_into_serve_log("workers")  # the engine thread's errors, in this replica's log
         self._tools = _registry(tools)
         self._engine = AsyncMarsEngine(EngineConfig.model_validate(engine_config), self._tools)
         # The replica counts as started only once its engine has: Ray Serve

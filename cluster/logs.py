@@ -31,6 +31,24 @@ def serve_logger(module: str) -> logging.Logger:
     return logging.getLogger(f"ray.serve.{module}")
 
 
+def adopt_into_serve_log(package: str) -> None:
+    """Send the log lines of `package` (a library the replica runs, logging
+    to its own module loggers, e.g. ``workers``) to the replica's Serve log.
+
+    Its loggers propagate to the root logger, which a replica does not
+    configure: without this, the engine thread's failure traceback was lost
+    and only the symptom (a failed health check) reached the logs. INFO and
+    above, through Ray Serve's own handlers (its file under ``logs/serve/``).
+    """
+    serve = logging.getLogger("ray.serve")
+    adopted = logging.getLogger(package)
+    for handler in serve.handlers:
+        if handler not in adopted.handlers:
+            adopted.addHandler(handler)
+    adopted.setLevel(logging.INFO)
+    adopted.propagate = False
+
+
 def request_id() -> str:
     """The Serve request id of the request being served, or `NO_REQUEST`.
 

@@ -81,10 +81,18 @@ class AsyncMarsEngine:
         future: Future[_T] = Future()
 
         def command(engine: MarsEngine) -> None:
+            # A caller that gave up (its request cancelled, a timeout) has
+            # cancelled the future: skip the command. Setting a result on a
+            # cancelled future raises, which would stop the engine thread
+            # and fail every session on it. Once running, it cannot be cancelled.
+            if not future.set_running_or_notify_cancel():
+                return
             try:
-                future.set_result(fn(engine))
+                result = fn(engine)
             except BaseException as exc:  # handed to the caller, never lost
                 future.set_exception(exc)
+            else:
+                future.set_result(result)
 
         self._commands.put(command)
         return await asyncio.wrap_future(future)

@@ -4,6 +4,7 @@ client-driven resume, server-side plans, errors handed back to the caller."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -73,3 +74,34 @@ async def _scenario(model_dir):
 
 def test_async_engine_serves_concurrent_sessions(tiny_model_dir):
     asyncio.run(_scenario(tiny_model_dir))
+
+
+async def _cancelled_calls(model_dir):
+    engine = AsyncMarsEngine(
+        EngineConfig(model=str(model_dir), num_kv_blocks=32, max_model_len=512, profile_costs=False)
+    )
+    try:
+        await engine.ready()
+        # Keep the engine thread busy so that the calls below are still queued
+        # when their callers give up (as a load poll timing out, or a client
+        # disconnecting, cancels a replica's call).
+        busy = asyncio.ensure_future(engine.call(lambda e: time.sleep(0.3)))
+        calls = [asyncio.ensure_future(engine.call(lambda e: e.scheduler.free_blocks()))]
+        calls.append(asyncio.ensure_future(_chunk(engine, "gone", prompt(20), 4)))
+        await asyncio.sleep(0.05)
+        for call in calls:
+            call.cancel()
+        await busy
+        await asyncio.gather(*calls, return_exceptions=True)
+        # The engine survived its callers' cancellations and still serves.
+        tokens, end = await _chunk(engine, "after", prompt(30, seed=2), 3)
+        assert len(tokens) == 3 and end.finish_reason == "length"
+        assert engine.alive
+        assert "gone" not in await engine.call(lambda e: list(e.sessions))
+    finally:
+        engine.shutdown()
+
+
+def test_cancelled_calls_do_not_stop_the_engine(tiny_model_dir):
+    # Bounded: before the fix the engine thread died and a caller waited for ever.
+    asyncio.run(asyncio.wait_for(_cancelled_calls(tiny_model_dir), timeout=120))
