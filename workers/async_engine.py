@@ -112,9 +112,10 @@ class AsyncMarsEngine:
         `ChunkEnd`.
 
         With `close`, the chunk is the session's last: the engine closes the
-        session (frees its KV) as soon as the chunk ends, without the caller
-        waiting for it or sending a separate `close` (a one-turn request
-        then costs one call, not two).
+        session (frees its KV) itself as soon as the chunk ends, without the
+        caller waiting for it or sending a separate `close` (a one-turn
+        request then costs one call, not two), and even if the caller has
+        left (a cancelled request, a client gone) before the chunk ended.
         """
         stream: asyncio.Queue[Event] = asyncio.Queue()
         if session_id in self._streams:
@@ -122,10 +123,11 @@ class AsyncMarsEngine:
         self._streams[session_id] = (asyncio.get_running_loop(), stream)
 
         def start(engine: MarsEngine) -> None:
+            args = (session_id, token_ids, max_tokens, hints, stop_token_ids)
             if session_id in engine.sessions:
-                engine.continue_session(session_id, token_ids, max_tokens, hints, stop_token_ids)
+                engine.continue_session(*args, last_chunk=close)
             else:
-                engine.open_session(session_id, token_ids, max_tokens, hints, stop_token_ids)
+                engine.open_session(*args, last_chunk=close)
 
         try:
             await self.call(start)
@@ -133,8 +135,6 @@ class AsyncMarsEngine:
                 event = await stream.get()
                 if isinstance(event, EngineFailed):
                     raise RuntimeError(f"the MARS engine failed: {event.reason}")
-                if isinstance(event, ChunkEnd) and close:
-                    self._commands.put(_closer(session_id))
                 yield event
                 if isinstance(event, ChunkEnd):
                     return
@@ -216,16 +216,3 @@ class AsyncMarsEngine:
             events.append(ChunkEnd(finish_reason, session.state, list(session.outputs[-1])))
         for event in events:
             loop.call_soon_threadsafe(stream.put_nowait, event)
-
-
-def _closer(session_id: str) -> Callable[[MarsEngine], None]:
-    """An engine-thread command closing `session_id`; nobody awaits it, so a
-    failure is logged here rather than lost."""
-
-    def close(engine: MarsEngine) -> None:
-        try:
-            engine.close_session(session_id)
-        except Exception:
-            logger.exception("closing session %s after its last chunk failed", session_id)
-
-    return close

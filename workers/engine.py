@@ -109,6 +109,10 @@ class Session:
     outputs: list[list[int]] = field(default_factory=lambda: [[]])
     finish_reasons: list[str] = field(default_factory=list)
     engine_request_id: str = ""
+    closes_after_chunk: bool = False
+    """A client-driven session whose running chunk is its last: the engine
+    closes it when the chunk ends (`open_session`/`continue_session` with
+    ``last_chunk``), whether or not its caller is still there to ask."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -163,10 +167,14 @@ class MarsEngine:
         max_tokens: int,
         hints: SegmentHints | None = None,
         stop_token_ids: Sequence[int] = (),
+        *,
+        last_chunk: bool = False,
     ) -> Session:
-        """Start a client-driven session: it pauses when its chunk ends."""
+        """Start a client-driven session: it pauses when its chunk ends (or,
+        with `last_chunk`, is closed then: a one-turn request)."""
         self._check_tokens("prompt_token_ids", prompt_token_ids, max_tokens)
         session = self._new_session(session_id, None)
+        session.closes_after_chunk = last_chunk
         self._send_chunk(session, list(prompt_token_ids), max_tokens, 0, hints, stop_token_ids)
         return session
 
@@ -177,8 +185,11 @@ class MarsEngine:
         max_tokens: int,
         hints: SegmentHints | None = None,
         stop_token_ids: Sequence[int] = (),
+        *,
+        last_chunk: bool = False,
     ) -> Session:
-        """Resume a paused client-driven session with the tool's result."""
+        """Resume a paused client-driven session with the tool's result (with
+        `last_chunk`, the session is closed when this chunk ends)."""
         session = self._session(session_id)
         if session.state is not SessionState.AWAITING_CLIENT:
             raise ValueError(
@@ -187,6 +198,7 @@ class MarsEngine:
         self._check_tokens("token_ids", token_ids, max_tokens, session.context_tokens)
         session.outputs.append([])
         session.state = SessionState.GENERATING
+        session.closes_after_chunk = last_chunk
         self._send_chunk(session, list(token_ids), max_tokens, 1, hints, stop_token_ids)
         return session
 
@@ -364,7 +376,10 @@ class MarsEngine:
         # streaming input keeps only computed tokens).
         session.context_tokens += max(0, len(session.outputs[-1]) - 1)
         if session.plan is None:
-            session.state = SessionState.AWAITING_CLIENT
+            if session.closes_after_chunk:
+                self._finish(session)
+            else:
+                session.state = SessionState.AWAITING_CLIENT
             return True
         call = session.plan.segments[session.segment_index].call
         if call is None:

@@ -98,6 +98,20 @@ async def _cancelled_calls(model_dir):
         assert len(tokens) == 3 and end.finish_reason == "length"
         assert engine.alive
         assert "gone" not in await engine.call(lambda e: list(e.sessions))
+
+        # A last chunk (close=True) whose caller leaves after its first token
+        # is still closed by the engine when it ends: no session left holding KV.
+        chunk = engine.generate("left", prompt(20, seed=3), 8, close=True)
+        assert isinstance(await chunk.__anext__(), TokenDelta)
+        await chunk.aclose()
+        for _ in range(200):
+            state = await engine.call(lambda e: e.sessions["left"].state)
+            if state is SessionState.FINISHED:
+                break
+            await asyncio.sleep(0.05)
+        assert state is SessionState.FINISHED
+        outputs = await engine.call(lambda e: e.sessions["left"].outputs)
+        assert [len(o) for o in outputs] == [8]
     finally:
         engine.shutdown()
 
