@@ -40,6 +40,11 @@ from policies import DispatchDecision, NoInstanceAvailable
 
 logger = serve_logger(__name__)
 
+ABANDONED_TURN_TIMEOUT_S = 600.0
+"""How long a turn whose client left may go on generating before its record
+is left as it is (and an error logged)."""
+ABANDONED_TURN_POLL_S = 0.1
+
 app = FastAPI(title="mars-serve")
 
 
@@ -109,6 +114,7 @@ class Ingress:
         )
         self._store = make_state_store(state_store.get("url"), state_store["session_ttl_s"])
         self.metrics = IngressMetrics(engine_policy) if metrics else None
+        self._settling: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -350,6 +356,58 @@ class Ingress:
         )
         return _response(body, session_id, text, "stop", usage, chat=chat, mars=mars)
 
+    def settle_abandoned(self, turn: _Turn) -> None:
+        """The client left before its turn ended (a stream closed mid-way):
+        bring the session's record to where the engine leaves it, in the
+        background, so that the session's next turn is not refused as still
+        generating. A one-turn session needs nothing: the engine closes it
+        when its chunk ends."""
+        if turn.ephemeral:
+            return
+        task = asyncio.get_running_loop().create_task(self._settle(turn))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, turn: _Turn) -> None:
+        """Wait for the engine to end the abandoned chunk, then record the
+        session as the engine has it: paused with its context, closed, or
+        never opened (the engine had not started the chunk)."""
+        engine = self._engines[turn.instance_id]
+        deadline = time.monotonic() + ABANDONED_TURN_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    info = await engine.session_info.remote(turn.session_id)
+                except Exception:  # unknown to the engine: the first chunk never started
+                    info = {"state": SessionState.FINISHED.value, "context_tokens": 0}
+                if info["state"] != SessionState.GENERATING.value:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"still generating after {ABANDONED_TURN_TIMEOUT_S:g} s")
+                await asyncio.sleep(ABANDONED_TURN_POLL_S)
+            if info["state"] == SessionState.FINISHED.value:
+                await asyncio.to_thread(self._store.delete_session, turn.session_id)
+            else:
+                await asyncio.to_thread(
+                    self._store.update_session,
+                    turn.session_id,
+                    lambda r: replace(r, state=SessionState.PAUSED, tokens=info["context_tokens"]),
+                )
+            logger.warning(
+                "turn abandoned by its client session=%s request=%s instance=%s: "
+                "session %s on the engine, recorded",
+                turn.session_id,
+                turn.request_id,
+                turn.instance_id,
+                info["state"],
+            )
+        except Exception:
+            logger.exception(
+                "turn abandoned by its client session=%s request=%s: could not settle its record",
+                turn.session_id,
+                turn.request_id,
+            )
+
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids)
 
@@ -471,6 +529,10 @@ class _Turn:
                 elif "end" in event:
                     ended = event, await self._finish(event)
                     yield _sse(self._chunk("", self._finish_reason(event)))
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            if ended is None:
+                self.ingress.settle_abandoned(self)
+            raise
         except Exception as exc:  # the stream has started: report in-band
             logger.exception(
                 "turn failed session=%s request=%s instance=%s: stream broke",

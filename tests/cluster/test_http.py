@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -128,6 +129,35 @@ def test_client_tool_call_resumes_on_the_same_instance_with_its_kv(server: str, 
     if resumed["engine"]["strategy"] == "preserve":
         assert resumed["engine"]["recomputed_tokens"] == 0
     assert resumed["engine"]["context_tokens"] > held_tokens
+
+
+def test_a_client_leaving_mid_stream_leaves_its_session_paused(server: str, client) -> None:
+    session = {"X-Session-Id": "gone-1"}
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "tell me a long story"}],
+        max_tokens=200,
+        stream=True,
+        extra_headers=session,
+    )
+    next(iter(stream))
+    stream.close()  # the client leaves after the first chunk
+    deadline = time.monotonic() + 60
+    while True:
+        status, record = _get(f"{server}/v1/sessions/gone-1")
+        if status == 200 and record["state"] == "paused":
+            break
+        assert time.monotonic() < deadline, record
+        time.sleep(0.2)
+    assert record["engine"]["state"] == "awaiting_client"
+    assert record["tokens"] == record["engine"]["context_tokens"]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go on"}],
+        max_tokens=3,
+        extra_headers=session,
+    )
+    assert reply.model_extra["mars"]["instance_id"] == record["instance_id"]
 
 
 def test_server_side_tool_session(client) -> None:
