@@ -1,10 +1,11 @@
 """Pure scheduling policies for mars-serve: no vLLM, Ray or torch imports.
 
 The public surface: the snapshot types (one request's `RequestView`, many
-requests' `RequestColumns`), the cost model, the MARS score and
-INFERCEPT waste terms, the starvation guard, the engine-policy registry,
-the online predictors, and the instance-dispatch registry with its load
-snapshot types. Everything else is internal.
+requests' `RequestColumns`, and the `PricedRows` an engine joins them from),
+the cost model, the MARS score and INFERCEPT waste terms, the starvation
+guard, the engine-policy registry, the online predictors, and the
+instance-dispatch registry with its load snapshot types. Everything else is
+internal.
 """
 
 from policies.cost_model import CostModel
@@ -29,6 +30,7 @@ from policies.engine_policy import (
 )
 from policies.memory import memory_over_time, memory_over_time_columns
 from policies.predictors import ApiDurationPredictor, DecodeLengthPredictor, StreamingStat
+from policies.priced_rows import PricedRows
 from policies.starvation import StarvationConfig, starving
 from policies.types import BatchView, RequestColumns, RequestView, Strategy
 from policies.waste import (
@@ -51,6 +53,7 @@ __all__ = [
     "EnginePolicy",
     "InstanceLoad",
     "NoInstanceAvailable",
+    "PricedRows",
     "RequestColumns",
     "RequestView",
     "StarvationConfig",

@@ -9,7 +9,7 @@ Python (no numpy call on the scalar hot path), on arrays they act per element.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -21,6 +21,8 @@ Floats: TypeAlias = "float | NDArray[np.float64]"
 Flags: TypeAlias = "bool | NDArray[np.bool_]"
 """One request's flag, or a column of them."""
 
+_Arrays = TypeVar("_Arrays", bound=tuple[Any, ...])
+
 
 def where(cond: Any, if_true: Any, if_false: Any) -> Any:
     """`if_true if cond else if_false`, per element when `cond` is an array.
@@ -31,6 +33,24 @@ def where(cond: Any, if_true: Any, if_false: Any) -> Any:
     if isinstance(cond, np.ndarray):
         return np.where(cond, if_true, if_false)
     return if_true if cond else if_false
+
+
+def floor_at(values: Any, low: Any) -> Any:
+    """`max(values, low)`, per element when `values` is an array (one call, where
+    `where(values < low, low, values)` takes three)."""
+    if isinstance(values, np.ndarray):
+        return np.maximum(values, low)
+    return max(values, low)
+
+
+def smaller(a: Any, b: Any) -> Any:
+    """`b if b < a else a`, per element when either is an array: `np.minimum`,
+    one call for what `where(b < a, b, a)` does in two. Callers compare the
+    result only, and never pass NaN (wastes come from validated inputs), so
+    `np.minimum`'s own picks (the sign of a zero tie, NaN) cannot matter."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.minimum(a, b)
+    return b if b < a else a
 
 
 def first_negative(values: Any) -> Any | None:
@@ -57,3 +77,11 @@ def first_outside(values: Any, low: float, high: float) -> Any | None:
         inside = (values >= low) & (values < high)
         return values[int(np.argmin(inside))].item()
     return None if low <= values < high else values
+
+
+def read_only(arrays: _Arrays) -> _Arrays:
+    """`arrays` (a tuple of numpy arrays), each made read-only: for a value that
+    `RequestColumns.memo` hands to every caller."""
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays

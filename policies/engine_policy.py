@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policies.cost_model import CostModel
-from policies.memory import memory_area
+from policies.memory import least_waste_area
 from policies.registry import PolicyRegistry
 from policies.starvation import StarvationConfig, starving_flags, starving_positions
 from policies.types import BatchView, RequestColumns, RequestView, Strategy
@@ -40,7 +40,7 @@ from policies.waste import (
     choose_strategies,
     choose_strategy,
     demotions,
-    least_waste_code,
+    least_waste,
 )
 
 _NO_BATCH = BatchView(running_context_tokens=0, free_host_tokens=0)
@@ -213,6 +213,9 @@ def _everyone(columns: RequestColumns) -> NDArray[np.intp]:
     return np.arange(len(columns))
 
 
+_NOBODY: NDArray[np.intp] = np.arange(0)
+
+
 @register_engine_policy
 @dataclass(frozen=True)
 class VllmPolicy(EnginePolicy):
@@ -337,8 +340,11 @@ class MarsPolicy(EnginePolicy):
         """Starving first, then resumed-discard, then smallest memory over time."""
         batch = batch if batch is not None else _NO_BATCH
         hungry = starving_flags(columns, self.starvation)
-        first = starving_positions(columns, self.starvation, hungry)
-        rest = np.flatnonzero(~hungry)
+        if hungry.any():
+            first = starving_positions(columns, self.starvation, hungry)
+            rest = np.flatnonzero(~hungry)
+        else:  # the common case: nobody to sort first, and everyone to rank
+            first, rest = _NOBODY, _everyone(columns)
 
         def score(positions: NDArray[np.intp]) -> NDArray[np.float64]:
             # Scoring everyone and picking is cheaper than copying the columns
@@ -356,4 +362,4 @@ def _memory_score(r: Any, batch: BatchView, cost: CostModel) -> Any:
     """MARS's score of a `RequestView` (or of each request of a `RequestColumns`):
     memory over time under the least-waste strategy. With no call ahead the
     strategy does not change the area (there is no API term)."""
-    return memory_area(r, least_waste_code(r, batch, cost), cost)
+    return least_waste_area(r, least_waste(r, batch, cost), cost)

@@ -28,12 +28,12 @@ all of them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
-from policies._arrays import Floats, Ints, first_negative, where
+from policies._arrays import Floats, Ints, first_negative, read_only, where
 from policies.cost_model import CostModel
 from policies.types import (
     DISCARD_CODE,
@@ -43,6 +43,7 @@ from policies.types import (
     Strategy,
     strategy_code,
 )
+from policies.waste import LeastWaste, pick_least
 
 # The area functions read a `RequestView` (one request, Python scalars) or a
 # `RequestColumns` (numpy arrays, one entry per request): both expose the
@@ -68,20 +69,63 @@ def _decode_area(r: Any, cost: CostModel, batch_tokens: int) -> Floats:
     return step_s * (d * c + d * (d + 1) / 2)
 
 
-def _api_area(r: Any, code: Ints, cost: CostModel) -> Floats:
-    """Area spent on the KV around the next API call under strategy `code`."""
+class AreaTerms(NamedTuple):
+    """A request's area split where the strategy enters, of one `RequestView` or
+    of each request of a `RequestColumns`: the area before the call, and the
+    call's area under each strategy (0.0 for all three with no call ahead).
+
+    They depend on the request and the cost model only, so an engine that
+    ranks the same waiting requests every iteration can keep them per request
+    (`policies.priced_rows`); the least-waste strategy, which depends on the
+    running batch, then just picks one call area.
+    """
+
+    before_call: Floats
+    """Reload plus decode areas."""
+    call_preserve: Floats
+    call_discard: Floats
+    call_swap: Floats
+
+
+def area_terms(r: Any, cost: CostModel, *, batch_tokens: int = 1) -> AreaTerms:
+    """`AreaTerms` of a `RequestView`, or of every request of a `RequestColumns`
+    (computed once per columns, cost model and `batch_tokens`, unless the
+    columns were joined from rows that carry them). Raises ValueError for
+    negative decode tokens or an API duration below zero.
+    """
+    if isinstance(r, RequestColumns):
+        key = (area_terms, cost, batch_tokens)
+        return r.memo(key, lambda: read_only(_area_terms(r, cost, batch_tokens)))
+    return _area_terms(r, cost, batch_tokens)
+
+
+def keep_area_terms(
+    columns: RequestColumns, cost: CostModel, terms: AreaTerms, *, batch_tokens: int = 1
+) -> None:
+    """Give `columns` their `AreaTerms` under `cost` and `batch_tokens`, known
+    already (read-only arrays, one entry per request): `area_terms` then
+    returns them."""
+    columns.memo((area_terms, cost, batch_tokens), lambda: terms)
+
+
+def _area_terms(r: Any, cost: CostModel, batch_tokens: int) -> AreaTerms:
+    bad = first_negative(r.predicted_decode_tokens)
+    if bad is not None:
+        raise ValueError(f"predicted_decode_tokens must be >= 0, got {bad!r}")
+    bad = first_negative(r.api_s)  # api_s is 0.0 where no call is expected
+    if bad is not None:
+        raise ValueError(f"predicted_api_s must be >= 0, got {bad!r}")
+    before_call = _reload_area(r, cost) + _decode_area(r, cost, batch_tokens)
+    # The area spent on the KV around the next API call, under each strategy.
     held = r.context_tokens + r.predicted_decode_tokens
     rebuilt = held + r.predicted_api_return_tokens
-    area = where(
-        code == PRESERVE_CODE,
-        held * r.api_s,
-        where(
-            code == DISCARD_CODE,
-            cost.prefill_time(rebuilt) * rebuilt,
-            2 * cost.swap_time(held) * held,
-        ),
+    has_call = r.has_api_call
+    return AreaTerms(
+        before_call,
+        call_preserve=where(has_call, held * r.api_s, 0.0),
+        call_discard=where(has_call, cost.prefill_time(rebuilt) * rebuilt, 0.0),
+        call_swap=where(has_call, 2 * cost.swap_time(held) * held, 0.0),
     )
-    return where(r.has_api_call, area, 0.0)
 
 
 def memory_area(r: Any, code: Ints, cost: CostModel, *, batch_tokens: int = 1) -> Floats:
@@ -90,13 +134,23 @@ def memory_area(r: Any, code: Ints, cost: CostModel, *, batch_tokens: int = 1) -
     columns: see `policies.types.STRATEGY_BY_CODE`). Raises ValueError for
     negative decode tokens or an API duration below zero.
     """
-    bad = first_negative(r.predicted_decode_tokens)
-    if bad is not None:
-        raise ValueError(f"predicted_decode_tokens must be >= 0, got {bad!r}")
-    bad = first_negative(r.api_s)  # api_s is 0.0 where no call is expected
-    if bad is not None:
-        raise ValueError(f"predicted_api_s must be >= 0, got {bad!r}")
-    return _reload_area(r, cost) + _decode_area(r, cost, batch_tokens) + _api_area(r, code, cost)
+    terms = area_terms(r, cost, batch_tokens=batch_tokens)
+    call = where(
+        code == PRESERVE_CODE,
+        terms.call_preserve,
+        where(code == DISCARD_CODE, terms.call_discard, terms.call_swap),
+    )
+    return terms.before_call + call
+
+
+def least_waste_area(r: Any, least: LeastWaste, cost: CostModel) -> Floats:
+    """`memory_area` of a `RequestView` or of every request in a `RequestColumns`
+    under the least-waste strategy that `least` describes (see
+    `policies.waste.least_waste`): the comparisons that pick the strategy pick
+    its call area, with no strategy codes in between (MARS's score)."""
+    terms = area_terms(r, cost)
+    call = pick_least(least, terms.call_preserve, terms.call_discard, terms.call_swap)
+    return terms.before_call + call
 
 
 def memory_over_time(

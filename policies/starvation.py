@@ -56,8 +56,8 @@ class StarvationConfig:
 def starving_flags(r: Any, config: StarvationConfig) -> Flags:
     """Whether a `RequestView` (or each request of a `RequestColumns`) has waited
     at least the threshold and may count at all."""
-    may_count = r.has_run | (not config.count_only_after_first_run)
-    return may_count & (r.waited_iterations >= config.threshold_iterations)
+    waited_long = r.waited_iterations >= config.threshold_iterations
+    return r.has_run & waited_long if config.count_only_after_first_run else waited_long
 
 
 def is_starving(view: RequestView, config: StarvationConfig) -> bool:

@@ -103,24 +103,35 @@ class BatchView:
 
 
 # One row of `RequestColumns.from_views`: `struct` packs a request's numbers in
-# one C call, far cheaper than converting a Python list per column.
-_ROW = struct.Struct("=dddqqqq????")
-_ROW_DTYPE = np.dtype(
-    [
-        ("arrival_s", "<f8"),
-        ("queued_since_s", "<f8"),
-        ("api_s", "<f8"),
-        ("context_tokens", "<i8"),
-        ("predicted_decode_tokens", "<i8"),
-        ("predicted_api_return_tokens", "<i8"),
-        ("waited_iterations", "<i8"),
-        ("has_api_call", "?"),
-        ("has_run", "?"),
-        ("resumed_discard", "?"),
-        ("resumed_swap", "?"),
-    ]
+# one C call, far cheaper than converting a Python list per column. The waited
+# iterations are not in it (they change every iteration). Four pad bytes make
+# a row 56 bytes long, so that every number of a joined table sits on an
+# 8-byte boundary and the columns can be views of the table: numpy reads an
+# unaligned column several times slower than an aligned one.
+_ROW = struct.Struct("=dddqqq????4x")
+_ROW_FIELDS = (
+    ("arrival_s", "<f8", 0),
+    ("queued_since_s", "<f8", 8),
+    ("api_s", "<f8", 16),
+    ("context_tokens", "<i8", 24),
+    ("predicted_decode_tokens", "<i8", 32),
+    ("predicted_api_return_tokens", "<i8", 40),
+    ("has_api_call", "?", 48),
+    ("has_run", "?", 49),
+    ("resumed_discard", "?", 50),
+    ("resumed_swap", "?", 51),
 )
-assert _ROW_DTYPE.itemsize == _ROW.size
+ROW_DTYPE = np.dtype(
+    {
+        "names": [name for name, _, _ in _ROW_FIELDS],
+        "formats": [fmt for _, fmt, _ in _ROW_FIELDS],
+        "offsets": [offset for _, _, offset in _ROW_FIELDS],
+        "itemsize": _ROW.size,
+    }
+)
+"""The numpy layout of a `RequestColumns.row`, for callers that append fields
+to the rows they join (`RequestColumns.from_table`)."""
+assert ROW_DTYPE.itemsize == _ROW.size == 56
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,11 +163,11 @@ class RequestColumns:
 
     def __post_init__(self) -> None:
         n = len(self.request_ids)
-        for f in fields(self):
-            column = getattr(self, f.name)
+        for name in _COLUMN_NAMES:
+            column = getattr(self, name)
             if not isinstance(column, np.ndarray) or column.shape != (n,):
                 raise ValueError(
-                    f"{f.name} must be a 1-d numpy array of {n} entries (one per request_id), "
+                    f"{name} must be a 1-d numpy array of {n} entries (one per request_id), "
                     f"got {type(column).__name__} of shape {getattr(column, 'shape', None)}"
                 )
         object.__setattr__(self, "_memo", {})
@@ -188,7 +199,6 @@ class RequestColumns:
                 view.context_tokens,
                 view.predicted_decode_tokens,
                 view.predicted_api_return_tokens,
-                0,
                 api_s is not None,
                 view.has_run,
                 view.resumed_strategy is Strategy.DISCARD,
@@ -202,14 +212,42 @@ class RequestColumns:
         cls, request_ids: Sequence[str], rows: Sequence[bytes], waited_iterations: Sequence[int]
     ) -> RequestColumns:
         """Columns from packed `row`s and each request's waited iterations."""
-        table = np.frombuffer(b"".join(rows), dtype=_ROW_DTYPE)
-        ids = np.empty(len(request_ids), dtype=object)
-        ids[:] = list(request_ids)
+        table = np.frombuffer(b"".join(rows), dtype=ROW_DTYPE)
+        return cls.from_table(request_ids, table, waited_iterations)
+
+    @classmethod
+    def from_table(
+        cls,
+        request_ids: Sequence[str],
+        table: NDArray[np.void],
+        waited_iterations: Sequence[int],
+    ) -> RequestColumns:
+        """Columns viewing `table`, a read-only structured array that holds (at
+        least) `ROW_DTYPE`'s fields at aligned offsets, one entry per request,
+        and each request's waited iterations.
+
+        The columns are views of the table, not copies: a policy reads most
+        columns once per iteration, and a copy costs as much as that read.
+        """
+        if table.flags.writeable:
+            raise ValueError("table must be read-only: the columns are views of it")
+        n = len(request_ids)
+        ids = np.empty(n, dtype=object)
+        ids[:] = request_ids
         ids.flags.writeable = False
-        columns = {name: _frozen(table[name]) for name in _ROW_DTYPE.names}
-        waited = np.fromiter(waited_iterations, dtype=np.int64, count=len(request_ids))
-        columns["waited_iterations"] = _frozen(waited)
-        return cls(request_ids=ids, **columns)
+        if len(waited_iterations) != n:
+            raise ValueError(
+                f"waited_iterations must hold {n} entries (one per request_id), "
+                f"got {len(waited_iterations)}"
+            )
+        try:
+            # One struct call packs the counts: several times cheaper than np.fromiter.
+            packed = struct.pack(f"={n}q", *waited_iterations)
+        except struct.error as exc:
+            raise ValueError(f"waited_iterations must be ints: {exc}") from exc
+        waited = np.frombuffer(packed, dtype=np.int64)
+        columns = {name: table[name] for name in ROW_DTYPE.names}
+        return cls(request_ids=ids, waited_iterations=waited, **columns)
 
     @classmethod
     def from_views(cls, views: Sequence[RequestView]) -> RequestColumns:
@@ -242,7 +280,7 @@ class RequestColumns:
     def take(self, positions: NDArray[np.intp]) -> RequestColumns:
         """The requests at `positions` (indices into these columns), in that order."""
         return replace(
-            self, **{f.name: _taken(getattr(self, f.name), positions) for f in fields(self)}
+            self, **{name: _taken(getattr(self, name), positions) for name in _COLUMN_NAMES}
         )
 
     def ids_at(self, positions: NDArray[np.intp]) -> list[str]:
@@ -254,32 +292,33 @@ class RequestColumns:
         `positions`), then by request id: the order of ``sorted(key=lambda v:
         (*keys, v.request_id))``, stable where ids repeat.
 
-        One plain sort when the primary key has no ties (the common case with
-        float keys); a lexicographic sort otherwise, and a sort by id only
-        inside runs where every key ties.
+        One plain sort when a float primary key has no ties (the common case);
+        a lexicographic sort otherwise (at once for an integer primary key,
+        where ties are the rule), then a sort by id only inside runs where
+        every key ties.
         """
-        order = np.argsort(keys[0])
-        if len(order) < 2:
-            return positions[order]
-        primary = keys[0][order]
-        if not (primary[1:] == primary[:-1]).any():
-            return positions[order]
+        if len(positions) < 2:
+            return positions.copy()
+        if keys[0].dtype.kind == "f":
+            order = np.argsort(keys[0])
+            primary = keys[0][order]
+            if not (primary[1:] == primary[:-1]).any():
+                return positions[order]
         order = np.lexsort(keys[::-1])  # stable: equal keys keep `positions` order
+        ranked_positions = positions[order]
         tied = np.ones(len(order) - 1, dtype=bool)
-        for key in keys:
+        for key in reversed(keys):  # the last key ties least often: stop when nothing ties
             ranked = key[order]
             tied &= ranked[1:] == ranked[:-1]
-        ranked_positions = positions[order]
-        if tied.any():
-            _sort_runs_by_id(ranked_positions, tied, self.request_ids)
+            if not tied.any():
+                return ranked_positions
+        _sort_runs_by_id(ranked_positions, tied, self.request_ids)
         return ranked_positions
 
 
-def _frozen(column: NDArray[Any]) -> NDArray[Any]:
-    """A contiguous, read-only copy of `column`."""
-    copy = np.ascontiguousarray(column)
-    copy.flags.writeable = False
-    return copy
+_COLUMN_NAMES = tuple(f.name for f in fields(RequestColumns))
+"""`RequestColumns`' fields (all columns), looked up once: `fields()` is slow
+for a check that runs every iteration."""
 
 
 def _taken(column: NDArray[Any], positions: NDArray[np.intp]) -> NDArray[Any]:

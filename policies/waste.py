@@ -22,12 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
-from policies._arrays import Floats, Ints, first_outside, where
+from policies._arrays import Flags, Floats, Ints, first_outside, floor_at, read_only, smaller, where
 from policies.cost_model import CostModel
 from policies.types import (
     DISCARD_CODE,
@@ -45,6 +45,9 @@ ALL_STRATEGIES: frozenset[Strategy] = frozenset(Strategy)
 _PRESERVE = Strategy.PRESERVE  # module constants: enum attribute lookup is slow on 3.11
 _DISCARD = Strategy.DISCARD
 _SWAP = Strategy.SWAP
+_INT8_CODES = (np.int8(PRESERVE_CODE), np.int8(DISCARD_CODE), np.int8(SWAP_CODE))
+"""Codes for `pick_least`'s preserve, discard, swap: picked as int8 (numpy keeps
+a typed scalar's type), `StrategyChoices.codes`' dtype."""
 
 
 def waste_preserve(context_tokens: Ints, api_s: Floats, cost: CostModel) -> Floats:
@@ -55,13 +58,83 @@ def waste_preserve(context_tokens: Ints, api_s: Floats, cost: CostModel) -> Floa
 def waste_discard(context_tokens: Ints, other_tokens: Ints, cost: CostModel) -> Floats:
     """t_prefill(C) * C * M + t_prefill(C) * C_other * M: recompute holds both."""
     t_prefill = cost.prefill_time(context_tokens)
-    m = cost.kv_bytes_per_token
-    return t_prefill * context_tokens * m + t_prefill * other_tokens * m
+    own = _own_recompute_waste(t_prefill, context_tokens, cost)
+    return _recompute_waste(own, t_prefill, other_tokens, cost)
 
 
 def waste_swap(context_tokens: Ints, batch_tokens: int, cost: CostModel) -> Floats:
     """2 * t_swap(C) * C_batch * M: the whole batch waits on the copy out and back."""
-    return 2 * cost.swap_time(context_tokens) * batch_tokens * cost.kv_bytes_per_token
+    return _round_trip_waste(2 * cost.swap_time(context_tokens), batch_tokens, cost)
+
+
+# The waste formulas split where the running batch enters, so that the part
+# before it (`WasteTerms`) can be kept per request between iterations.
+
+
+def _own_recompute_waste(t_prefill: Floats, context_tokens: Ints, cost: CostModel) -> Floats:
+    """t_prefill(C) * C * M: the discard waste of the request's own memory."""
+    return t_prefill * context_tokens * cost.kv_bytes_per_token
+
+
+def _recompute_waste(own: Floats, t_prefill: Floats, other_tokens: Ints, cost: CostModel) -> Floats:
+    """The discard waste, from its own part and the other running tokens."""
+    return own + t_prefill * other_tokens * cost.kv_bytes_per_token
+
+
+def _round_trip_waste(round_trip_s: Floats, batch_tokens: int, cost: CostModel) -> Floats:
+    """The swap waste, from the seconds of the copy out and back (2 * t_swap(C))."""
+    return round_trip_s * batch_tokens * cost.kv_bytes_per_token
+
+
+class WasteTerms(NamedTuple):
+    """The parts of a request's wastes that the running batch does not change,
+    of one `RequestView` or of each request of a `RequestColumns`.
+
+    They depend on the request and the cost model only, so an engine that
+    prices the same waiting requests every iteration can keep them per request
+    (`policies.priced_rows`) and pay per iteration only for the batch's part.
+    """
+
+    preserve: Floats
+    """`waste_preserve`: T * C * M."""
+    prefill_s: Floats
+    """t_prefill(C)."""
+    own_recompute: Floats
+    """t_prefill(C) * C * M."""
+    round_trip_s: Floats
+    """2 * t_swap(C)."""
+
+
+def waste_terms(r: Any, cost: CostModel) -> WasteTerms:
+    """`WasteTerms` of a `RequestView`, or of every request of a `RequestColumns`
+    (computed once per columns and cost model, unless the columns were joined
+    from rows that carry them). Raises ValueError for an API duration that is
+    not finite and >= 0, or a negative context.
+    """
+    if isinstance(r, RequestColumns):
+        return r.memo((waste_terms, cost), lambda: read_only(_waste_terms(r, cost)))
+    return _waste_terms(r, cost)
+
+
+def keep_waste_terms(columns: RequestColumns, cost: CostModel, terms: WasteTerms) -> None:
+    """Give `columns` their `WasteTerms` under `cost`, known already (read-only
+    arrays, one entry per request): `waste_terms` then returns them."""
+    columns.memo((waste_terms, cost), lambda: terms)
+
+
+def _waste_terms(r: Any, cost: CostModel) -> WasteTerms:
+    c = r.context_tokens
+    api_s = r.api_s  # 0.0 when no call is expected
+    bad = first_outside(api_s, 0.0, math.inf)
+    if bad is not None:
+        raise ValueError(f"predicted_api_s must be finite and >= 0, got {bad!r}")
+    t_prefill = cost.prefill_time(c)
+    return WasteTerms(
+        preserve=waste_preserve(c, api_s, cost),
+        prefill_s=t_prefill,
+        own_recompute=_own_recompute_waste(t_prefill, c, cost),
+        round_trip_s=2 * cost.swap_time(c),
+    )
 
 
 @dataclass(frozen=True)
@@ -120,16 +193,14 @@ def _wastes(
 ) -> tuple[Floats, Floats, Floats]:
     """(preserve, discard, swap) wastes of a `RequestView` or of each request of a
     `RequestColumns`; inf for a strategy not possible."""
+    terms = waste_terms(r, cost)
     c = r.context_tokens
-    api_s = r.api_s  # 0.0 when no call is expected
-    bad = first_outside(api_s, 0.0, math.inf)
-    if bad is not None:
-        raise ValueError(f"predicted_api_s must be finite and >= 0, got {bad!r}")
     batch_tokens = batch.running_context_tokens
-    w_preserve = waste_preserve(c, api_s, cost)
-    w_discard = waste_discard(c, where(c < batch_tokens, batch_tokens - c, 0), cost)
+    w_preserve = terms.preserve
+    other_tokens = floor_at(batch_tokens - c, 0)
+    w_discard = _recompute_waste(terms.own_recompute, terms.prefill_s, other_tokens, cost)
     fits_host = c <= batch.free_host_tokens
-    w_swap = where(fits_host, waste_swap(c, batch_tokens, cost), math.inf)
+    w_swap = where(fits_host, _round_trip_waste(terms.round_trip_s, batch_tokens, cost), math.inf)
     if allowed is not ALL_STRATEGIES:  # skips the set lookups on the common path
         w_preserve = w_preserve + _barred(_PRESERVE, allowed)
         w_discard = w_discard + _barred(_DISCARD, allowed)
@@ -137,16 +208,34 @@ def _wastes(
     return w_preserve, w_discard, w_swap
 
 
-def _least(w_preserve: Floats, w_discard: Floats, w_swap: Floats) -> tuple[Ints, Floats]:
-    """The least-waste strategy's code and its waste (inf: nothing possible); strict
-    "<" in preserve, swap, discard order implements the tie-break."""
-    swap_better = w_swap < w_preserve
-    best = where(swap_better, SWAP_CODE, PRESERVE_CODE)
-    best_waste = where(swap_better, w_swap, w_preserve)
-    discard_better = w_discard < best_waste
-    best = where(discard_better, DISCARD_CODE, best)
-    best_waste = where(discard_better, w_discard, best_waste)
-    return best, best_waste
+class LeastWaste(NamedTuple):
+    """The two comparisons that pick the least-waste strategy, of one
+    `RequestView` or per request of a `RequestColumns`: DISCARD where
+    `discard`, else SWAP where `swap`, else PRESERVE. `pick_least` picks with
+    them what belongs to the chosen strategy (its code, its memory area) in two
+    selections, with no comparison of codes."""
+
+    discard: Flags
+    """Discard wastes strictly less than preserve and swap."""
+    swap: Flags
+    """Swap wastes strictly less than preserve."""
+
+
+def _least(w_preserve: Floats, w_discard: Floats, w_swap: Floats) -> LeastWaste:
+    """The least-waste strategy; strict "<" in preserve, swap, discard order
+    implements the tie-break."""
+    return LeastWaste(discard=w_discard < smaller(w_preserve, w_swap), swap=w_swap < w_preserve)
+
+
+def pick_least(least: LeastWaste, preserve: Any, discard: Any, swap: Any) -> Any:
+    """Whichever of `preserve`, `discard` and `swap` belongs to the least-waste
+    strategy that `least` describes (per request, for columns)."""
+    return where(least.discard, discard, where(least.swap, swap, preserve))
+
+
+def _none_possible(w_preserve: Floats, w_discard: Floats, w_swap: Floats) -> Flags:
+    """Whether every strategy's waste is inf (none is allowed or possible)."""
+    return smaller(smaller(w_preserve, w_swap), w_discard) == math.inf
 
 
 def _check_allowed(allowed: frozenset[Strategy]) -> None:
@@ -180,10 +269,10 @@ def choose_strategy(
     """
     _check_allowed(allowed)
     w_preserve, w_discard, w_swap = _wastes(view, batch, cost, allowed)
-    best, best_waste = _least(w_preserve, w_discard, w_swap)
-    if best_waste == math.inf:
+    if _none_possible(w_preserve, w_discard, w_swap):
         raise _nothing_possible(view.request_id, view.context_tokens, batch, allowed)
-    return StrategyChoice(STRATEGY_BY_CODE[best], w_preserve, w_discard, w_swap)
+    best = pick_least(_least(w_preserve, w_discard, w_swap), _PRESERVE, _DISCARD, _SWAP)
+    return StrategyChoice(best, w_preserve, w_discard, w_swap)
 
 
 def choose_strategies(
@@ -196,44 +285,51 @@ def choose_strategies(
     """`choose_strategy` for every request in `columns` at once (same rules, same
     numbers); raises for the first request with no possible strategy."""
     _check_allowed(allowed)
-    w_preserve, w_discard, w_swap, best, best_waste = _priced(columns, batch, cost, allowed)
-    stuck = best_waste == math.inf
+    w_preserve, w_discard, w_swap, least = _priced(columns, batch, cost, allowed)
+    stuck = _none_possible(w_preserve, w_discard, w_swap)
     if stuck.any():
         i = int(np.argmax(stuck))
         raise _nothing_possible(
             columns.request_ids[i], int(columns.context_tokens[i]), batch, allowed
         )
-    return StrategyChoices(best.astype(np.int8), w_preserve, w_discard, w_swap)
+    codes = pick_least(least, *_INT8_CODES)
+    return StrategyChoices(codes, w_preserve, w_discard, w_swap)
+
+
+_Priced = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], LeastWaste]
 
 
 def _priced(
     columns: RequestColumns, batch: BatchView, cost: CostModel, allowed: frozenset[Strategy]
-) -> tuple[NDArray[np.float64], ...]:
-    """(preserve, discard, swap) wastes, least-waste codes and their wastes of every
+) -> _Priced:
+    """(preserve, discard, swap) wastes and the least-waste strategy of every
     request in `columns`, computed once per columns, batch, cost and `allowed`."""
 
-    def compute() -> tuple[NDArray[np.float64], ...]:
-        wastes = _wastes(columns, batch, cost, allowed)
-        priced = (*wastes, *_least(*wastes))
-        for array in priced:
-            array.flags.writeable = False
-        return priced
+    def compute() -> _Priced:
+        w_preserve, w_discard, w_swap = read_only(_wastes(columns, batch, cost, allowed))
+        return w_preserve, w_discard, w_swap, read_only(_least(w_preserve, w_discard, w_swap))
 
     return columns.memo(("priced", batch, cost, allowed), compute)
+
+
+def least_waste(r: Any, batch: BatchView, cost: CostModel) -> LeastWaste:
+    """The least-waste strategy (every strategy allowed) of a `RequestView`, or per
+    request of a `RequestColumns` (computed once per columns, batch and cost)."""
+    if isinstance(r, RequestColumns):
+        return _priced(r, batch, cost, ALL_STRATEGIES)[3]
+    return _least(*_wastes(r, batch, cost, ALL_STRATEGIES))
 
 
 def least_waste_code(r: Any, batch: BatchView, cost: CostModel) -> Ints:
     """Code of the least-waste strategy (every strategy allowed) of a `RequestView`,
     or per request of a `RequestColumns`; no `StrategyChoice` is built."""
-    if isinstance(r, RequestColumns):
-        return _priced(r, batch, cost, ALL_STRATEGIES)[3]
-    return _least(*_wastes(r, batch, cost, ALL_STRATEGIES))[0]
+    return pick_least(least_waste(r, batch, cost), PRESERVE_CODE, DISCARD_CODE, SWAP_CODE)
 
 
 def least_waste_strategy(view: RequestView, batch: BatchView, cost: CostModel) -> Strategy:
     """`choose_strategy(view, batch, cost).strategy` with every strategy allowed,
     without building the StrategyChoice."""
-    return STRATEGY_BY_CODE[least_waste_code(view, batch, cost)]
+    return pick_least(least_waste(view, batch, cost), _PRESERVE, _DISCARD, _SWAP)
 
 
 def demotions(

@@ -66,8 +66,9 @@ class RequestRecord:
     swapped_in_tokens: int = 0
     timeline: list[TimelineEvent] = field(default_factory=list)
     view_row: bytes | None = None
-    """The request's packed policy view while it waits (see `RequestColumns.row`);
-    dropped by `touch` whenever something the view shows changes."""
+    """The request's packed policy view while it waits, priced under the
+    engine's cost model (see `policies.PricedRows.row`); dropped by `touch`
+    whenever something the view shows, or the cost model, changes."""
 
     def touch(self) -> None:
         self.view_row = None

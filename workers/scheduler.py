@@ -36,13 +36,14 @@ from policies import (
     BatchView,
     CostModel,
     DecodeLengthPredictor,
+    PricedRows,
+    RequestColumns,
     RequestView,
     Strategy,
     make_engine_policy,
 )
 from policies.memory import memory_over_time_columns
 from policies.predictors import expected_call_s, remaining_call_s
-from policies.types import RequestColumns
 from workers.hints import SegmentHints
 from workers.kv_connector import MarsKVConnector
 from workers.lifecycle import Phase, RequestRecord
@@ -130,6 +131,7 @@ class MarsScheduler(Scheduler):
         self.kv_bytes_per_token = self._kv_bytes_per_token()
         self._total_blocks = self.free_blocks()  # everything is free at start-up
         self.cost = self._initial_cost_model()
+        self._priced = PricedRows(self.cost)
         if self.connector is not None and not isinstance(self.connector, MarsKVConnector):
             raise ValueError("MarsScheduler needs MarsKVConnector (or no connector)")
 
@@ -149,8 +151,16 @@ class MarsScheduler(Scheduler):
         )
 
     def set_cost_model(self, cost: CostModel) -> None:
-        """Called by the engine once start-up profiling has measured the costs."""
+        """Called by the engine once start-up profiling has measured the costs.
+
+        The cached rows carry terms priced under the old costs: drop them all,
+        so that every row is packed again under the new ones (rows of the old
+        `PricedRows` would be correct, only priced from scratch every
+        iteration)."""
         self.cost = cost
+        self._priced = PricedRows(cost)
+        for record in self.records.values():
+            record.touch()
         self.waiting.changed = True
 
     # ------------------------------------------------------------ snapshots
@@ -269,15 +279,18 @@ class MarsScheduler(Scheduler):
     def _columns(self, ready: list[Request]) -> RequestColumns:
         """Policy columns of `ready` requests.
 
-        Each waiting request's packed view is kept on its record until the
-        request changes, so a re-rank costs a join of cached rows plus the
-        policy's array work, not a Python pass building 1,000 views.
+        Each waiting request's packed view, with its terms priced under the
+        cost model (`PricedRows.row`), is kept on its record until the request
+        changes, so a re-rank costs a join of cached rows plus the policy's
+        array work for the running batch, not a Python pass building 1,000
+        views nor a recomputation of what only the requests decide.
         """
+        priced = self._priced
         records = [self.records[r.request_id] for r in ready]
         for request, record in zip(ready, records, strict=True):
             if record.view_row is None:
-                record.view_row = RequestColumns.row(self._view(request, record))
-        return RequestColumns.from_rows(
+                record.view_row = priced.row(self._view(request, record))
+        return priced.columns(
             [r.request_id for r in ready],
             [record.view_row for record in records],
             [record.waited_iterations for record in records],

@@ -29,9 +29,10 @@ from policies import (
     memory_over_time_columns,
 )
 from policies.engine_policy import MarsPolicy
+from policies.memory import least_waste_area
 from policies.starvation import StarvationConfig, starving, starving_flags
-from policies.types import STRATEGY_BY_CODE, strategy_code
-from policies.waste import ALL_STRATEGIES
+from policies.types import ROW_DTYPE, STRATEGY_BY_CODE, strategy_code
+from policies.waste import ALL_STRATEGIES, least_waste, least_waste_code, least_waste_strategy
 
 COSTS = (
     CostModel(0.01, 0.001, 0.0001, 2.0, token_budget=100),
@@ -267,3 +268,36 @@ def test_mars_order_and_choose_strategies_share_the_pricing() -> None:
     assert other_batch.waste_swap is not first.waste_swap
     for i, view in enumerate(views):
         assert other_batch.choice(i) == choose_strategy(view, BATCHES[1], COSTS[0])
+
+
+def test_from_table_rejects_a_writable_table_and_ragged_waited_counts() -> None:
+    views = random_views(random.Random(1), 3, ties=False)
+    ids = [v.request_id for v in views]
+    table = np.frombuffer(b"".join(RequestColumns.row(v) for v in views), dtype=ROW_DTYPE)
+    with pytest.raises(ValueError, match="read-only"):
+        RequestColumns.from_table(ids, table.copy(), [0, 0, 0])
+    with pytest.raises(ValueError, match="waited_iterations must hold 3"):
+        RequestColumns.from_table(ids, table, [0, 0])
+    with pytest.raises(ValueError, match="waited_iterations must be ints"):
+        RequestColumns.from_table(ids, table, [0, 1.5, 0])  # type: ignore[list-item]
+    columns = RequestColumns.from_table(ids, table, [4, 5, 6])
+    assert columns.waited_iterations.tolist() == [4, 5, 6]
+    assert all(getattr(columns, name).flags.aligned for name in ROW_DTYPE.names)
+
+
+@pytest.mark.parametrize(("seed", "ties"), cases())
+def test_least_waste_area_is_the_memory_area_under_the_least_waste_strategy(
+    seed: int, ties: bool
+) -> None:
+    views = random_views(random.Random(seed), 80, ties=ties)
+    columns = RequestColumns.from_views(views)
+    cost = COSTS[seed % len(COSTS)]
+    for batch in BATCHES:
+        codes = least_waste_code(columns, batch, cost)
+        expected = memory_over_time_columns(columns, codes, cost)
+        got = least_waste_area(columns, least_waste(columns, batch, cost), cost)
+        np.testing.assert_array_equal(got, expected)
+        for view, area in zip(views, got.tolist(), strict=True):
+            strategy = least_waste_strategy(view, batch, cost)
+            assert area == memory_over_time(view, strategy, cost)
+            assert area == least_waste_area(view, least_waste(view, batch, cost), cost)
