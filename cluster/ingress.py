@@ -369,22 +369,11 @@ class Ingress:
         task.add_done_callback(self._settling.discard)
 
     async def _settle(self, turn: _Turn) -> None:
-        """Wait for the engine to end the abandoned chunk, then record the
-        session as the engine has it: paused with its context, closed, or
-        never opened (the engine had not started the chunk)."""
-        engine = self._engines[turn.instance_id]
-        deadline = time.monotonic() + ABANDONED_TURN_TIMEOUT_S
+        """Record the abandoned turn's session as the engine has it once the
+        chunk has ended: paused with its context, or gone (closed, or never
+        opened because the engine had not started the chunk)."""
         try:
-            while True:
-                try:
-                    info = await engine.session_info.remote(turn.session_id)
-                except Exception:  # unknown to the engine: the first chunk never started
-                    info = {"state": SessionState.FINISHED.value, "context_tokens": 0}
-                if info["state"] != SessionState.GENERATING.value:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"still generating after {ABANDONED_TURN_TIMEOUT_S:g} s")
-                await asyncio.sleep(ABANDONED_TURN_POLL_S)
+            info = await self._session_after_chunk(turn)
             if info["state"] == SessionState.FINISHED.value:
                 await asyncio.to_thread(self._store.delete_session, turn.session_id)
             else:
@@ -407,6 +396,22 @@ class Ingress:
                 turn.session_id,
                 turn.request_id,
             )
+
+    async def _session_after_chunk(self, turn: _Turn) -> dict[str, Any]:
+        """The engine's view of the turn's session once its chunk is no longer
+        generating (polled); a session unknown to the engine reads as finished."""
+        engine = self._engines[turn.instance_id]
+        deadline = time.monotonic() + ABANDONED_TURN_TIMEOUT_S
+        while True:
+            try:
+                info = await engine.session_info.remote(turn.session_id)
+            except Exception:  # unknown to the engine: the first chunk never started
+                return {"state": SessionState.FINISHED.value, "context_tokens": 0}
+            if info["state"] != SessionState.GENERATING.value:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still generating after {ABANDONED_TURN_TIMEOUT_S:g} s")
+            await asyncio.sleep(ABANDONED_TURN_POLL_S)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids)
