@@ -2,8 +2,9 @@
 the placement of new sessions.
 
 One replica per application (a Ray actor under Ray Serve). A background task
-pulls every engine's load every `load_refresh_s` into a `cluster.placement.
-Placer`, never inside a placement: placing a session costs a pure policy
+pulls every engine's load into a `cluster.placement.Placer` (a `LoadView`:
+ten times a second while the loads move, once a second while they stand
+still), never inside a placement: placing a session costs a pure policy
 decision, not a round of calls to every engine.
 
 It keeps no session state: the ingress sends a session's later turns
@@ -26,8 +27,6 @@ from policies import InstanceLoad
 logger = serve_logger(__name__)
 
 LOAD_TIMEOUT_S = 5.0
-LOAD_REFRESH_S = 0.1
-"""Default period of the load refresh (one `load` call per engine)."""
 
 
 class GlobalScheduler:
@@ -39,21 +38,17 @@ class GlobalScheduler:
         dispatch: dict[str, Any],
         *,
         metrics: bool,
-        load_refresh_s: float = LOAD_REFRESH_S,
     ) -> None:
         self._engines = engines
         self.placer = Placer(dispatch, metrics=metrics)
-        self._view = LoadView(
-            self.placer, self._fetch_loads, period_s=load_refresh_s, source="the engines"
-        )
+        self._view = LoadView(self.placer, self._fetch_loads, source="the engines")
 
     async def place(
         self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
     ) -> dict[str, str]:
         """The instance for a new session of `prompt_tokens` tokens (the
         `affinity_instance` first, if the caller knows one and it is healthy)."""
-        placer = await self._view.ready()
-        decision = placer.place(session_id, prompt_tokens, affinity_instance)
+        decision = await self._view.place(session_id, prompt_tokens, affinity_instance)
         return {"instance_id": decision.instance_id, "reason": decision.reason}
 
     async def loads(self) -> list[dict[str, Any]]:

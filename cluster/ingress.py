@@ -30,7 +30,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from cluster.global_scheduler import LOAD_REFRESH_S
 from cluster.logs import request_id, serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
 from cluster.placement import InIngress, ViaScheduler
@@ -108,7 +107,7 @@ class Ingress:
         # sessions itself, from the global scheduler's loads (one Ray call per
         # session less); several replicas ask the global scheduler.
         self._placement = (
-            InIngress(scheduler, dispatch, metrics=metrics, refresh_s=LOAD_REFRESH_S)
+            InIngress(scheduler, dispatch, metrics=metrics)
             if sole_replica
             else ViaScheduler(scheduler)
         )

@@ -20,6 +20,7 @@ scheduler's loads, and decides without a Ray call per session (see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -38,6 +39,10 @@ from policies import (
 logger = serve_logger(__name__)
 
 FIRST_LOADS_TIMEOUT_S = 30.0
+LOAD_REFRESH_S = 0.1
+"""How often a view's loads are fetched while they move."""
+IDLE_LOAD_REFRESH_S = 1.0
+"""How often a view's loads are fetched while they stand still."""
 
 
 class Placer:
@@ -86,23 +91,35 @@ class Placer:
 
 
 class LoadView:
-    """A `Placer` kept fresh in the background: `fetch()` every `period_s`,
-    from a task started on first use (a Serve replica's event loop runs by
-    then), so that no placement waits for a round of load calls."""
+    """A `Placer` kept fresh in the background, from a task started on first
+    use (a Serve replica's event loop runs by then), so that no placement
+    waits for a round of load calls.
+
+    `fetch()` runs every `period_s` while the loads move, and every
+    `idle_period_s` once a fetch finds them as they were: idle instances
+    cost one load call a second, not ten, and take no CPU from the requests
+    that do arrive (on a small machine that background work shows in the
+    request path's tail latency). A placement through the view brings the
+    next fetch forward to `period_s`; a change made elsewhere (a paused
+    session resuming on its instance) shows within `idle_period_s`.
+    """
 
     def __init__(
         self,
         placer: Placer,
         fetch: Callable[[], Awaitable[Iterable[InstanceLoad]]],
         *,
-        period_s: float,
         source: str,
+        period_s: float = LOAD_REFRESH_S,
+        idle_period_s: float = IDLE_LOAD_REFRESH_S,
     ) -> None:
         self._placer = placer
         self._fetch = fetch
         self._period_s = period_s
+        self._idle_period_s = max(idle_period_s, period_s)
         self._source = source
         self._first_loads = asyncio.Event()
+        self._placed = asyncio.Event()
         self._refresher: asyncio.Task[None] | None = None
 
     async def ready(self) -> Placer:
@@ -118,16 +135,38 @@ class LoadView:
             ) from None
         return self._placer
 
+    async def place(
+        self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
+    ) -> DispatchDecision:
+        """`Placer.place` once the loads are in, and a fetch soon after."""
+        placer = await self.ready()
+        decision = placer.place(session_id, prompt_tokens, affinity_instance)
+        self._placed.set()
+        return decision
+
     async def _refresh_forever(self) -> None:
+        previous: list[InstanceLoad] | None = None
         while True:
             try:
-                self._placer.update(await self._fetch())
+                loads = list(await self._fetch())
+                self._placer.update(loads)
                 self._first_loads.set()
             except Exception:
                 logger.exception(
                     "load refresh from %s failed; keeping the previous loads", self._source
                 )
-            await asyncio.sleep(self._period_s)
+                loads = None
+            await self._pause(idle=loads is not None and loads == previous)
+            previous = loads
+
+    async def _pause(self, *, idle: bool) -> None:
+        """`period_s`, or while idle up to `idle_period_s` (a placement ends it
+        at `period_s`)."""
+        if idle:
+            self._placed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._placed.wait(), self._idle_period_s)
+        await asyncio.sleep(self._period_s)
 
 
 class ViaScheduler:
@@ -144,23 +183,17 @@ class ViaScheduler:
 
 class InIngress:
     """Placement in the (only) ingress replica, from the global scheduler's
-    loads pulled every `refresh_s`: the same decisions as the scheduler's
+    loads (a `LoadView` of them): the same decisions as the scheduler's
     when this replica is the only decider, without a Ray call per session."""
 
-    def __init__(
-        self, scheduler: Any, dispatch: dict[str, Any], *, metrics: bool, refresh_s: float
-    ) -> None:
+    def __init__(self, scheduler: Any, dispatch: dict[str, Any], *, metrics: bool) -> None:
         self._scheduler = scheduler
         self._view = LoadView(
-            Placer(dispatch, metrics=metrics),
-            self._fetch,
-            period_s=refresh_s,
-            source="the global scheduler",
+            Placer(dispatch, metrics=metrics), self._fetch, source="the global scheduler"
         )
 
     async def place(self, session_id: str | None, prompt_tokens: int) -> DispatchDecision:
-        placer = await self._view.ready()
-        return placer.place(session_id, prompt_tokens)
+        return await self._view.place(session_id, prompt_tokens)
 
     async def _fetch(self) -> list[InstanceLoad]:
         return [InstanceLoad(**load) for load in await self._scheduler.loads.remote()]

@@ -23,8 +23,6 @@ from workers.tools import ToolRegistry
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
-_IDLE_WAIT_S = 0.02
-"""How long the driver blocks for a command when the engine has nothing to run."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +167,7 @@ class AsyncMarsEngine:
 
     def shutdown(self) -> None:
         self._stopping.set()
+        self._commands.put(_wake_up)  # an idle engine thread blocks on the queue
         self._thread.join(timeout=30)
 
     # --------------------------------------------------------- engine thread
@@ -194,10 +193,10 @@ class AsyncMarsEngine:
             engine.shutdown()
 
     def _run_commands(self, engine: MarsEngine, *, block: bool) -> None:
-        try:
-            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else None
-        except queue.Empty:
-            return
+        """Run the queued commands; with `block` (nothing to step), sleep until
+        one arrives: an idle engine thread takes no CPU and no GIL turns from
+        the replica's event loop."""
+        command = self._commands.get() if block else None
         while command is not None:
             command(engine)
             try:
@@ -216,3 +215,8 @@ class AsyncMarsEngine:
             events.append(ChunkEnd(finish_reason, session.state, list(session.outputs[-1])))
         for event in events:
             loop.call_soon_threadsafe(stream.put_nowait, event)
+
+
+def _wake_up(engine: MarsEngine) -> None:
+    """The no-op command `shutdown` sends, so that an idle engine thread sees
+    that it is stopping."""

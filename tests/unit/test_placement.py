@@ -34,7 +34,7 @@ def test_the_view_places_from_fetched_loads_and_refreshes_them() -> None:
 
     async def scenario() -> None:
         view = LoadView(
-            Placer({"policy": "least_load"}, metrics=False), fetch, period_s=0.01, source="test"
+            Placer({"policy": "least_load"}, metrics=False), fetch, source="test", period_s=0.01
         )
         placer = await view.ready()
         assert placer.place("s1", 320).instance_id == "a"
@@ -64,5 +64,54 @@ def test_no_loads_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
             NoInstanceAvailable, match="no instance loads from the global scheduler"
         ):
             await view.ready()
+
+    asyncio.run(scenario())
+
+
+def test_idle_loads_are_fetched_less_often_until_a_placement() -> None:
+    """Loads that stand still are fetched every `idle_period_s`; a placement
+    brings the next fetch forward."""
+    fetched: list[float] = []
+
+    async def fetch() -> list[InstanceLoad]:
+        fetched.append(asyncio.get_running_loop().time())
+        return [_load("a", 50), _load("b", 10)]
+
+    async def scenario() -> None:
+        view = LoadView(
+            Placer({"policy": "least_load"}, metrics=False),
+            fetch,
+            source="test",
+            period_s=0.01,
+            idle_period_s=0.5,
+        )
+        await view.ready()
+        await asyncio.sleep(0.2)
+        # The first fetch, the one that found nothing moved, then the idle wait.
+        assert len(fetched) == 2
+        await view.place("s1", 32)
+        await asyncio.sleep(0.1)
+        assert len(fetched) == 3
+
+    asyncio.run(scenario())
+
+
+def test_moving_loads_are_fetched_every_period() -> None:
+    free = iter(range(100, 0, -1))
+
+    async def fetch() -> list[InstanceLoad]:
+        return [_load("a", next(free))]
+
+    async def scenario() -> None:
+        view = LoadView(
+            Placer({"policy": "least_load"}, metrics=False),
+            fetch,
+            source="test",
+            period_s=0.01,
+            idle_period_s=10.0,
+        )
+        placer = await view.ready()
+        await asyncio.sleep(0.2)
+        assert placer.loads[0].free_blocks < 90
 
     asyncio.run(scenario())
