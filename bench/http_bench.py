@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -888,32 +889,34 @@ async def measure_overhead(
 
     instance = "default-0"
     mismatched = 0
-    async with _client_session() as http:
-        for i in range(PROBE_WARMUP):
-            _, instance = await pair(http, f"warmup-{i}", i % 2 == 0, instance)
-        bar = tqdm(
-            total=probe.requests,
-            desc="overhead probe",
-            unit="pair",
-            file=sys.stderr,
-            disable=not progress,
-        )
-        t0 = time.monotonic()
-        for i, offset in enumerate(arrivals(probe.requests, load_rps, seed + 1)):
-            await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
-            guess = instance
-            timings, instance = await pair(http, str(i), i % 2 == 0, guess)
-            if i % 2 == 1 and instance != guess:
-                mismatched += 1
-            for key, value in timings.items():
-                samples[key].append(value)
-            samples["health"].append(await timed(partial(health, http)))
-            place = partial(scheduler.place.remote, f"probe-{i}", PROBE_PROMPT_TOKENS)
-            samples["place"].append(await timed(place))
-            key = f"mars:session:probe-{i}"  # a miss, as for a new session
-            samples["store"].append(await timed(partial(asyncio.to_thread, store.get, key)))
-            bar.update(1)
-        bar.close()
+    with _collector_between_pairs() as collect_garbage:
+        async with _client_session() as http:
+            for i in range(PROBE_WARMUP):
+                _, instance = await pair(http, f"warmup-{i}", i % 2 == 0, instance)
+            bar = tqdm(
+                total=probe.requests,
+                desc="overhead probe",
+                unit="pair",
+                file=sys.stderr,
+                disable=not progress,
+            )
+            t0 = time.monotonic()
+            for i, offset in enumerate(arrivals(probe.requests, load_rps, seed + 1)):
+                await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
+                guess = instance
+                timings, instance = await pair(http, str(i), i % 2 == 0, guess)
+                if i % 2 == 1 and instance != guess:
+                    mismatched += 1
+                for key, value in timings.items():
+                    samples[key].append(value)
+                samples["health"].append(await timed(partial(health, http)))
+                place = partial(scheduler.place.remote, f"probe-{i}", PROBE_PROMPT_TOKENS)
+                samples["place"].append(await timed(place))
+                key = f"mars:session:probe-{i}"  # a miss, as for a new session
+                samples["store"].append(await timed(partial(asyncio.to_thread, store.get, key)))
+                collect_garbage()
+                bar.update(1)
+            bar.close()
     store.close()
     return {
         **overhead_report(samples, OVERHEAD_GOAL_MS),
@@ -921,6 +924,23 @@ async def measure_overhead(
         "direct_on_other_instance": mismatched,
         "samples_ms": {k: [round(v * 1000, 3) for v in vs] for k, vs in samples.items()},
     }
+
+
+@contextlib.contextmanager
+def _collector_between_pairs() -> Iterator[Callable[[], None]]:
+    """This process's garbage collector kept out of the probe's timings: the
+    heap built so far is frozen (a full collection of a process that has
+    imported Ray and transformers takes tens of milliseconds), automatic
+    collection is off, and the probe collects the young generations between
+    pairs with the function this yields. A pause of the measuring client is
+    not latency the server added."""
+    gc.freeze()
+    gc.disable()
+    try:
+        yield partial(gc.collect, 1)
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 # --------------------------------------------------------------------- main

@@ -25,6 +25,7 @@ from typing import Any
 
 from cluster.logs import adopt_into_serve_log, request_id, serve_logger
 from cluster.metrics import EngineMetrics
+from cluster.serve_env import freeze_startup_heap
 from workers.async_engine import AsyncMarsEngine, ChunkEnd, TokenDelta
 from workers.engine import AugmentedRequest, EngineConfig, MarsEngine, Segment
 from workers.hints import SegmentHints
@@ -66,6 +67,7 @@ class EngineInstance:
             if metrics
             else None
         )
+        freeze_startup_heap()
 
     async def _ready(self) -> AsyncMarsEngine:
         return self._engine

@@ -22,6 +22,7 @@ from typing import Any
 
 from cluster.logs import serve_logger
 from cluster.placement import LoadView, Placer
+from cluster.serve_env import freeze_startup_heap
 from policies import InstanceLoad
 
 logger = serve_logger(__name__)
@@ -42,6 +43,7 @@ class GlobalScheduler:
         self._engines = engines
         self.placer = Placer(dispatch, metrics=metrics)
         self._view = LoadView(self.placer, self._fetch_loads, source="the engines")
+        freeze_startup_heap()
 
     async def place(
         self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None

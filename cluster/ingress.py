@@ -35,6 +35,7 @@ from cluster.logs import request_id, serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
 from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, _Common
+from cluster.serve_env import freeze_startup_heap
 from cluster.state_store import SessionRecord, SessionState, UnknownSession, make_state_store
 from policies import DispatchDecision, NoInstanceAvailable
 
@@ -115,6 +116,7 @@ class Ingress:
         self._store = make_state_store(state_store.get("url"), state_store["session_ttl_s"])
         self.metrics = IngressMetrics(engine_policy) if metrics else None
         self._settling: set[asyncio.Task[None]] = set()
+        freeze_startup_heap()
 
     # ------------------------------------------------------------ endpoints
     @app.get("/health")

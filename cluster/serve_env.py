@@ -16,6 +16,7 @@ any of them off (e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0``).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 
@@ -36,3 +37,17 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     for name, value in SERVE_ENV.items():
         env.setdefault(name, value)
     return env
+
+
+def freeze_startup_heap() -> None:
+    """Move what a replica built at start-up (Ray, vLLM, transformers, the
+    model) out of the garbage collector's reach, once its constructor is done.
+
+    A full collection walks every tracked object: in a process that has
+    imported those libraries that is a pause of tens of milliseconds, taken
+    in the middle of whichever request allocated last. Frozen objects are
+    still freed by reference counting; only the cyclic collector skips them.
+    Cycles already unreachable are collected first, so nothing is pinned.
+    """
+    gc.collect()
+    gc.freeze()
