@@ -17,6 +17,7 @@ from bench.http_bench import (
     filler_text,
     kv_counters,
     overhead_report,
+    p99_interval_ms,
     parse_args,
     parse_config,
     parse_server_timing,
@@ -276,6 +277,18 @@ def test_overhead_report_pairs_http_and_direct_times() -> None:
     assert report["goal_met"] is True
     slow_path = {**samples, "http": [0.012, 0.014, 0.045]}  # 15 ms more outside the engine
     assert overhead_report(slow_path, goal_ms=10.0)["goal_met"] is False
+    # Around the engine: HTTP 4, 5, 7 ms; direct 2, 3, 3 ms -> p99s differ by ~4 ms.
+    assert report["added_p99_of_paths_ms"] == pytest.approx(6.96 - 3.0)
+    low, high = report["added_p99_ci95_ms"]
+    assert 2.0 <= low <= report["added_p99_ms"] <= high <= 4.0
+
+
+def test_the_p99_interval_brackets_the_tail_and_is_reproducible() -> None:
+    values = [0.001 * (i % 10) for i in range(300)] + [0.050, 0.060]  # two outliers
+    low, high = p99_interval_ms(values)
+    assert 9.0 - 1e-9 <= low <= high <= 60.0
+    assert p99_interval_ms(values) == [low, high]
+    assert p99_interval_ms([0.001]) is None
 
 
 def test_parse_args_quick_and_errors(capsys) -> None:
