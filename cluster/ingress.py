@@ -401,16 +401,32 @@ class Ingress:
 
     async def _session_after_chunk(self, turn: _Turn) -> dict[str, Any]:
         """The engine's view of the turn's session once its chunk is no longer
-        generating (polled); a session unknown to the engine reads as finished."""
+        generating (polled). A session unknown to the engine (its `KeyError`,
+        which Serve re-raises as such) reads as finished: the first chunk
+        never started, or the session was closed. Any other failure (the
+        replica restarting, say) is retried until the deadline: the record is
+        never dropped on a guess."""
         engine = self._engines[turn.instance_id]
         deadline = time.monotonic() + ABANDONED_TURN_TIMEOUT_S
         while True:
             try:
                 info = await engine.session_info.remote(turn.session_id)
-            except Exception:  # unknown to the engine: the first chunk never started
+            except KeyError:
                 return {"state": SessionState.FINISHED.value, "context_tokens": 0}
-            if info["state"] != SessionState.GENERATING.value:
-                return info
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning(
+                    "abandoned turn session=%s request=%s: asking instance %s failed (%r); "
+                    "retrying",
+                    turn.session_id,
+                    turn.request_id,
+                    turn.instance_id,
+                    exc,
+                )
+            else:
+                if info["state"] != SessionState.GENERATING.value:
+                    return info
             if time.monotonic() > deadline:
                 raise TimeoutError(f"still generating after {ABANDONED_TURN_TIMEOUT_S:g} s")
             await asyncio.sleep(ABANDONED_TURN_POLL_S)
