@@ -14,7 +14,7 @@ import pytest
 from cluster import ingress as ingress_module
 from cluster.ingress import Ingress
 
-PAUSED = {"state": "paused", "context_tokens": 40}
+PAUSED = {"state": "awaiting_client", "context_tokens": 40}
 
 
 class _SessionInfo:
