@@ -21,7 +21,7 @@ from cluster.ingress import Ingress, app
 
 INTERNAL_CALLS_LOGGING = {"enable_access_log": False}
 """Serve's access log (one line per call) off for the engines and the global
-scheduler: the load refresh calls them ten times a second. Our own log lines
+scheduler: the load refresh calls them up to ten times a second. Our own log lines
 (placements, turns, failures) are unaffected; the ingress keeps its HTTP
 access log."""
 
