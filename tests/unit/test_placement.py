@@ -68,6 +68,12 @@ def test_no_loads_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     asyncio.run(scenario())
 
 
+def _fast_view(fetch, *, idle_period_s: float) -> LoadView:
+    """A least-load view refreshing every 10 ms while its loads move."""
+    placer = Placer({"policy": "least_load"}, metrics=False)
+    return LoadView(placer, fetch, source="test", period_s=0.01, idle_period_s=idle_period_s)
+
+
 def test_idle_loads_are_fetched_less_often_until_a_placement() -> None:
     """Loads that stand still are fetched every `idle_period_s`; a placement
     brings the next fetch forward."""
@@ -78,13 +84,7 @@ def test_idle_loads_are_fetched_less_often_until_a_placement() -> None:
         return [_load("a", 50), _load("b", 10)]
 
     async def scenario() -> None:
-        view = LoadView(
-            Placer({"policy": "least_load"}, metrics=False),
-            fetch,
-            source="test",
-            period_s=0.01,
-            idle_period_s=0.5,
-        )
+        view = _fast_view(fetch, idle_period_s=0.5)
         await view.ready()
         await asyncio.sleep(0.2)
         # The first fetch, the one that found nothing moved, then the idle wait.
@@ -103,13 +103,7 @@ def test_moving_loads_are_fetched_every_period() -> None:
         return [_load("a", next(free))]
 
     async def scenario() -> None:
-        view = LoadView(
-            Placer({"policy": "least_load"}, metrics=False),
-            fetch,
-            source="test",
-            period_s=0.01,
-            idle_period_s=10.0,
-        )
+        view = _fast_view(fetch, idle_period_s=10.0)
         placer = await view.ready()
         await asyncio.sleep(0.2)
         assert placer.loads[0].free_blocks < 90
