@@ -38,6 +38,7 @@ from cluster.protocol import ChatCompletionRequest, CompletionRequest, _Common
 from cluster.serve_env import freeze_startup_heap
 from cluster.state_store import SessionRecord, SessionState, UnknownSession, make_state_store
 from policies import DispatchDecision, NoInstanceAvailable
+from workers.engine import SessionEnded
 
 logger = serve_logger(__name__)
 
@@ -230,6 +231,12 @@ class Ingress:
         session_id, ephemeral = self._session_id(request, body)
         try:
             return await self._start_turn(body, session_id, ephemeral, started_s, chat=chat)
+        except SessionEnded as exc:
+            logger.warning(
+                "turn rejected session=%s request=%s status=409: %s", session_id, request_id(), exc
+            )
+            kind = "invalid_request_error"
+            raise ApiError(409, str(exc), kind=kind, param="session_id") from None
         except ApiError as exc:
             logger.warning(
                 "turn rejected session=%s request=%s status=%d: %s",
@@ -296,7 +303,11 @@ class Ingress:
         asyncio.get_running_loop().call_soon(turn_start)
         if body.stream:
             return StreamingResponse(turn.sse(events), media_type="text/event-stream")
-        return await turn.complete(events)
+        try:
+            return await turn.complete(events)
+        except Exception:
+            self.settle_abandoned(turn)  # the record as the engine leaves it
+            raise
 
     async def _place(self, session_id: str, prompt_tokens: int) -> DispatchDecision:
         try:
@@ -359,11 +370,12 @@ class Ingress:
         return _response(body, session_id, text, "stop", usage, chat=chat, mars=mars)
 
     def settle_abandoned(self, turn: _Turn) -> None:
-        """The client left before its turn ended (a stream closed mid-way):
-        bring the session's record to where the engine leaves it, in the
-        background, so that the session's next turn is not refused as still
-        generating. A one-turn session needs nothing: the engine closes it
-        when its chunk ends."""
+        """The turn ended without its end event (the client left mid-stream,
+        or the engine call failed): bring the session's record to where the
+        engine leaves it, in the background, so that the session's next turn
+        is not refused as still generating and a session that never opened
+        leaves no record. A one-turn session needs nothing: the engine
+        closes it when its chunk ends."""
         if turn.ephemeral:
             return
         task = asyncio.get_running_loop().create_task(self._settle(turn))
@@ -385,7 +397,8 @@ class Ingress:
                     lambda r: replace(r, state=SessionState.PAUSED, tokens=info["context_tokens"]),
                 )
             logger.warning(
-                "turn abandoned by its client session=%s request=%s instance=%s: "
+                "turn left unfinished (client gone or engine call failed) session=%s request=%s "
+                "instance=%s: "
                 "session %s on the engine, recorded",
                 turn.session_id,
                 turn.request_id,
@@ -394,7 +407,7 @@ class Ingress:
             )
         except Exception:
             logger.exception(
-                "turn abandoned by its client session=%s request=%s: could not settle its record",
+                "turn left unfinished session=%s request=%s: could not settle its record",
                 turn.session_id,
                 turn.request_id,
             )
@@ -557,6 +570,8 @@ class _Turn:
                 self.ingress.settle_abandoned(self)
             raise
         except Exception as exc:  # the stream has started: report in-band
+            if ended is None:
+                self.ingress.settle_abandoned(self)
             logger.exception(
                 "turn failed session=%s request=%s instance=%s: stream broke",
                 self.session_id,

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import urllib.request
+import uuid
 
 import openai
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chat completion: {reply.choices[0].message.content!r}")
     print(f"  finish_reason {reply.choices[0].finish_reason}, usage {reply.usage}")
 
-    session = "example-session"
+    session = f"example-{uuid.uuid4().hex[:8]}"  # ids of ended sessions stay taken a while
     first = client.chat.completions.create(
         model=args.model,
         messages=[{"role": "user", "content": "what is 12 * 7? use the calculator"}],

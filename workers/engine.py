@@ -87,6 +87,12 @@ class AugmentedRequest:
     segments: Sequence[Segment]
 
 
+class SessionEnded(ValueError):
+    """A chunk sent to a session that has ended. Its id stays taken while the
+    engine keeps the finished session's record (`finished_sessions_kept`):
+    a new session needs a new id."""
+
+
 class SessionState(str, enum.Enum):
     GENERATING = "generating"
     IN_TOOL = "in_tool"
@@ -191,6 +197,11 @@ class MarsEngine:
         """Resume a paused client-driven session with the tool's result (with
         `last_chunk`, the session is closed when this chunk ends)."""
         session = self._session(session_id)
+        if session.state is SessionState.FINISHED:
+            raise SessionEnded(
+                f"session {session_id!r} has ended; this instance keeps its record for a "
+                f"while, so a new session needs a new id"
+            )
         if session.state is not SessionState.AWAITING_CLIENT:
             raise ValueError(
                 f"session {session_id!r} is {session.state.value}, not awaiting_client"

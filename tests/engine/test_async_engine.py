@@ -10,7 +10,7 @@ import pytest
 
 from tests.engine.helpers import SWAP_IS_CHEAP, prompt
 from workers.async_engine import AsyncMarsEngine, ChunkEnd, TokenDelta
-from workers.engine import AugmentedRequest, EngineConfig, Segment, SessionState
+from workers.engine import AugmentedRequest, EngineConfig, Segment, SessionEnded, SessionState
 from workers.settings import SchedulerSettings
 from workers.tools import ToolCall
 
@@ -62,7 +62,7 @@ async def _scenario(model_dir):
         assert [len(o) for o in session.outputs] == [5, 5]
 
         await engine.close("a")
-        with pytest.raises(ValueError, match="is finished, not awaiting_client"):
+        with pytest.raises(SessionEnded, match="a new session needs a new id"):
             await _chunk(engine, "a", [1], 2)
         with pytest.raises(ValueError, match="max_tokens must be >= 1"):
             await _chunk(engine, "c", prompt(8), 0)

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.engine.helpers import mars_engine, prompt
-from workers.engine import AugmentedRequest, EngineConfig, Segment, SessionState
+from workers.engine import AugmentedRequest, EngineConfig, Segment, SessionEnded, SessionState
 from workers.settings import SchedulerSettings
 from workers.tools import ToolCall
 
@@ -53,7 +53,7 @@ def test_request_errors_name_the_field_and_the_engine_keeps_serving(tiny_model_d
         assert len(ok.outputs) == 2 and all(len(o) == 4 for o in ok.outputs)
         calculator_result = engine.tokenizer.encode("42", add_special_tokens=False)
         assert ok.context_tokens == 40 + 3 + len(calculator_result) + 3
-        with pytest.raises(ValueError, match="is finished, not awaiting_client"):
+        with pytest.raises(SessionEnded, match="a new session needs a new id"):
             engine.continue_session("ok", [1], 4)
 
 
