@@ -7,7 +7,10 @@ its instance, and the next request of the session sends only the new
 messages (typically the tool's result). Without a session id, a request is a
 one-turn session: it never enters the state store, and the engine closes it
 when its chunk ends. `mars.plan` runs a whole
-session with server-side tools.
+session with server-side tools. A session id names one session: once that
+session has ended (`mars.close`, `DELETE`), its instance keeps the finished
+record for a while, and a new session under the same id placed there gets
+a 409.
 
 Each turn is logged at start and end (and on failure) with its session and
 Serve request id, and its latency is recorded here (`cluster.metrics` says
