@@ -202,6 +202,41 @@ def test_errors_follow_openai_shape(server: str, client) -> None:
     assert ok.choices[0].finish_reason == "length"
 
 
+def test_a_session_id_reused_after_its_session_ended_is_refused_clearly(
+    server: str, client
+) -> None:
+    """An ended session's instance keeps its record a while: a new session
+    under that id placed there gets a 409 naming the id and leaves no record
+    behind. A reuse that lands on the other instance ends there too, so one
+    of three tries must land where the id is taken."""
+    import openai
+
+    session = {"X-Session-Id": "reused-1"}
+    refused = None
+    for _ in range(3):
+        try:
+            client.completions.create(
+                model=MODEL, prompt="hello", max_tokens=2, extra_headers=session
+            )
+        except openai.ConflictError as exc:
+            refused = exc
+            break
+        delete = urllib.request.Request(f"{server}/v1/sessions/reused-1", method="DELETE")
+        with urllib.request.urlopen(delete, timeout=60) as response:
+            assert response.status == 200
+    assert refused is not None and "a new session needs a new id" in str(refused)
+    for _ in range(50):  # the failed turn's record is settled in the background
+        status, body = _get(f"{server}/v1/sessions/reused-1")
+        if status == 404:
+            break
+        time.sleep(0.1)
+    assert status == 404, body
+    fresh = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=2, extra_headers={"X-Session-Id": "reused-2"}
+    )
+    assert fresh.choices[0].finish_reason == "length"
+
+
 Sample = tuple[str, dict[str, str], float]
 
 
