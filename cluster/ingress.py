@@ -306,11 +306,7 @@ class Ingress:
         asyncio.get_running_loop().call_soon(turn_start)
         if body.stream:
             return StreamingResponse(turn.sse(events), media_type="text/event-stream")
-        try:
-            return await turn.complete(events)
-        except Exception:
-            self.settle_abandoned(turn)  # the record as the engine leaves it
-            raise
+        return await turn.complete(events)
 
     async def _place(self, session_id: str, prompt_tokens: int) -> DispatchDecision:
         try:
@@ -401,8 +397,7 @@ class Ingress:
                 )
             logger.warning(
                 "turn left unfinished (client gone or engine call failed) session=%s request=%s "
-                "instance=%s: "
-                "session %s on the engine, recorded",
+                "instance=%s: session %s on the engine, recorded",
                 turn.session_id,
                 turn.request_id,
                 turn.instance_id,
@@ -522,13 +517,17 @@ class _Turn:
     async def complete(self, events) -> JSONResponse:
         end = None
         waiting_since = time.monotonic()
-        async for event in events:
-            if "tokens" in event:
-                self._tokens_arrived()
-            elif "end" in event:
-                end = event
-        self.engine_wait_s = time.monotonic() - waiting_since
-        timing = await self._finish(end)
+        try:
+            async for event in events:
+                if "tokens" in event:
+                    self._tokens_arrived()
+                elif "end" in event:
+                    end = event
+            self.engine_wait_s = time.monotonic() - waiting_since
+            timing = await self._finish(end)
+        except Exception:
+            self.ingress.settle_abandoned(self)  # the record as the engine leaves it
+            raise
         text = self.ingress.decode(end["token_ids"])
         response = _response(
             self.body,
@@ -568,13 +567,7 @@ class _Turn:
                 elif "end" in event:
                     ended = event, await self._finish(event)
                     yield _sse(self._chunk("", self._finish_reason(event)))
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            if ended is None:
-                self.ingress.settle_abandoned(self)
-            raise
         except Exception as exc:  # the stream has started: report in-band
-            if ended is None:
-                self.ingress.settle_abandoned(self)
             logger.exception(
                 "turn failed session=%s request=%s instance=%s: stream broke",
                 self.session_id,
@@ -582,6 +575,9 @@ class _Turn:
                 self.instance_id,
             )
             yield _sse({"error": {"message": str(exc), "type": "server_error"}})
+        finally:  # a failure, or the client went away (the stream was closed)
+            if ended is None:
+                self.ingress.settle_abandoned(self)
         yield "data: [DONE]\n\n"
         if ended is not None:  # the client has its last chunk: record off its path
             await self._record(*ended)
