@@ -920,6 +920,7 @@ async def measure_overhead(
 
     instance = "default-0"
     mismatched = 0
+    started_at: list[float] = []
     with _collector_between_pairs() as collect_garbage:
         async with _client_session() as http:
             for i in range(PROBE_WARMUP):
@@ -935,6 +936,7 @@ async def measure_overhead(
             for i, offset in enumerate(arrivals(probe.requests, load_rps, seed + 1)):
                 await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
                 guess = instance
+                started_at.append(round(time.time(), 3))
                 timings, instance = await pair(http, str(i), i % 2 == 0, guess)
                 if i % 2 == 1 and instance != guess:
                     mismatched += 1
@@ -953,6 +955,7 @@ async def measure_overhead(
         **overhead_report(samples, OVERHEAD_GOAL_MS),
         "pairs": probe.requests,
         "direct_on_other_instance": mismatched,
+        "pair_started_at": started_at,
         "samples_ms": {k: [round(v * 1000, 3) for v in vs] for k, vs in samples.items()},
     }
 
@@ -1007,7 +1010,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=24, help="sessions per configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=240.0, help="replay cap per config")
-    p.add_argument("--overhead-requests", type=int, default=200, help="probe pairs (0: no probe)")
+    p.add_argument("--overhead-requests", type=int, default=1000, help="probe pairs (0: no probe)")
     p.add_argument("--redis-url", help="an existing Redis (default: start one on a free port)")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "results"))
