@@ -6,11 +6,11 @@ keep its context on the engine between turns: the turn ends (at
 its instance, and the next request of the session sends only the new
 messages (typically the tool's result). Without a session id, a request is a
 one-turn session: it never enters the state store, and the engine closes it
-when its chunk ends. `mars.plan` runs a whole
-session with server-side tools. A session id names one session: once that
-session has ended (`mars.close`, `DELETE`), its instance keeps the finished
-record for a while, and a new session under the same id placed there gets
-a 409.
+when its chunk ends. `mars.plan` runs a whole new
+session with server-side tools. Once a session has ended (`mars.close`,
+`DELETE`), its id is free: the next request under it starts a new session.
+Engines keep an ended session's record a while, so each incarnation of a
+session id has its own engine id (`SessionRecord.engine_session_id`).
 
 Each turn is logged at start and end (and on failure) with its session and
 Serve request id, and its latency is recorded here (`cluster.metrics` says
@@ -39,7 +39,13 @@ from cluster.metrics import IngressMetrics, TurnTiming
 from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, _Common
 from cluster.serve_env import freeze_startup_heap
-from cluster.state_store import SessionRecord, SessionState, UnknownSession, make_state_store
+from cluster.state_store import (
+    SessionRecord,
+    SessionState,
+    UnknownSession,
+    make_state_store,
+    new_engine_session_id,
+)
 from policies import DispatchDecision, NoInstanceAvailable
 from workers.engine import SessionEnded
 
@@ -156,10 +162,11 @@ class Ingress:
     async def get_session(self, session_id: str) -> dict[str, Any]:
         record = await self._record(session_id)
         engine = self._engines[record.instance_id]
-        info = await engine.session_info.remote(session_id)
+        info = await engine.session_info.remote(record.engine_session_id)
         return {
             "session_id": session_id,
             "instance_id": record.instance_id,
+            "engine_session_id": record.engine_session_id,
             "state": record.state.value,
             "tokens": record.tokens,
             "strategy": info["strategy"],
@@ -169,7 +176,7 @@ class Ingress:
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str) -> dict[str, Any]:
         record = await self._record(session_id)
-        await self._engines[record.instance_id].close.remote(session_id)
+        await self._engines[record.instance_id].close.remote(record.engine_session_id)
         await asyncio.to_thread(self._store.delete_session, session_id)
         return {"session_id": session_id, "deleted": True}
 
@@ -271,29 +278,48 @@ class Ingress:
                 kind="invalid_request_error",
                 param="session_id",
             )
+        if existing is not None and body.mars.plan is not None:
+            raise ApiError(
+                409,
+                f"session {session_id!r} exists; mars.plan runs a whole new session",
+                kind="invalid_request_error",
+                param="mars.plan",
+            )
         token_ids = self._tokens(body, chat=chat, continuing=existing is not None)
         if existing is not None:
             # The session's KV (preserved, swapped or to recompute) lives on its
             # instance: every later turn goes there, whatever the placement policy.
             instance_id, placed = existing.instance_id, "session"
+            engine_session_id = existing.engine_session_id
         else:
             decision = await self._place(session_id, len(token_ids))
             instance_id, placed = decision.instance_id, decision.reason
+            engine_session_id = session_id if ephemeral else new_engine_session_id(session_id)
         engine = self._engines[instance_id]
         turn_start = partial(
             _log_turn_start, session_id, request_id(), instance_id, placed, len(token_ids), body
         )
         if body.mars.plan is not None:
             turn_start()
-            return await self._run_plan(engine, session_id, token_ids, body, chat=chat)
+            return await self._run_plan(
+                engine, session_id, engine_session_id, token_ids, body, chat=chat
+            )
         if not ephemeral:
-            await self._mark_generating(existing, session_id, instance_id)
+            await self._mark_generating(existing, session_id, instance_id, engine_session_id)
         turn = _Turn(
-            self, body, session_id, instance_id, ephemeral, chat, len(token_ids), started_s
+            self,
+            body,
+            session_id,
+            instance_id,
+            ephemeral,
+            chat,
+            len(token_ids),
+            started_s,
+            engine_session_id=engine_session_id,
         )
         hints = {"tool": body.mars.tool, "api_s": body.mars.expected_api_s}
         events = engine.options(stream=True).generate.remote(
-            session_id,
+            engine_session_id,
             token_ids,
             body.token_limit,
             {k: v for k, v in hints.items() if v is not None},
@@ -315,10 +341,14 @@ class Ingress:
             raise ApiError(503, str(exc), kind="service_unavailable") from None
 
     async def _mark_generating(
-        self, existing: SessionRecord | None, session_id: str, instance_id: str
+        self,
+        existing: SessionRecord | None,
+        session_id: str,
+        instance_id: str,
+        engine_session_id: str,
     ) -> None:
         if existing is None:
-            record = SessionRecord(session_id, instance_id)
+            record = SessionRecord(session_id, instance_id, engine_session_id)
             await asyncio.to_thread(self._store.create_session, record)
         else:
             await asyncio.to_thread(
@@ -342,7 +372,16 @@ class Ingress:
             lambda r: replace(r, state=SessionState.PAUSED, tokens=r.tokens + tokens),
         )
 
-    async def _run_plan(self, engine, session_id: str, token_ids, body: _Common, *, chat: bool):
+    async def _run_plan(
+        self,
+        engine,
+        session_id: str,
+        engine_session_id: str,
+        token_ids,
+        body: _Common,
+        *,
+        chat: bool,
+    ):
         plan = [
             {
                 "generate_tokens": s.generate_tokens,
@@ -350,7 +389,7 @@ class Ingress:
             }
             for s in body.mars.plan
         ]
-        result = await engine.run_plan.remote(session_id, token_ids, plan)
+        result = await engine.run_plan.remote(engine_session_id, token_ids, plan)
         text = "".join(self._tokenizer.decode(o) for o in result["outputs"])
         usage = {
             "prompt_tokens": len(token_ids),
@@ -421,7 +460,7 @@ class Ingress:
         deadline = time.monotonic() + ABANDONED_TURN_TIMEOUT_S
         while True:
             try:
-                info = await engine.session_info.remote(turn.session_id)
+                info = await engine.session_info.remote(turn.engine_session_id)
             except KeyError:
                 return {"state": SessionState.FINISHED.value, "context_tokens": 0}
             except Exception as exc:
@@ -451,9 +490,21 @@ class _Turn:
     times it (`cluster.metrics.TurnTiming`)."""
 
     def __init__(
-        self, ingress, body, session_id, instance_id, ephemeral, chat, prompt_tokens, started_s
+        self,
+        ingress,
+        body,
+        session_id,
+        instance_id,
+        ephemeral,
+        chat,
+        prompt_tokens,
+        started_s,
+        *,
+        engine_session_id: str,
     ):
         self.ingress, self.body, self.session_id = ingress, body, session_id
+        self.engine_session_id = engine_session_id
+        """The engine's id for this incarnation of the session (`SessionRecord`)."""
         self.instance_id, self.ephemeral, self.chat = instance_id, ephemeral, chat
         self.prompt_tokens = prompt_tokens
         self.created = int(time.time())

@@ -13,6 +13,7 @@ import json
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
@@ -34,6 +35,12 @@ class SessionRecord:
 
     session_id: str
     instance_id: str
+    engine_session_id: str = ""
+    """The id the engine knows this session by. A client may reuse a session
+    id once its session has ended, while the engine still keeps the ended
+    session (`finished_sessions_kept`); each incarnation of an id therefore
+    gets its own engine id (`new_engine_session_id`). Empty (and in records
+    written before the field existed) means the session id itself."""
     state: SessionState = SessionState.GENERATING
     strategy: str | None = None
     """The KV strategy MARS chose for the current pause, if paused."""
@@ -42,6 +49,10 @@ class SessionRecord:
     created_s: float = 0.0
     updated_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.engine_session_id:
+            object.__setattr__(self, "engine_session_id", self.session_id)
+
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "state": self.state.value})
 
@@ -49,6 +60,12 @@ class SessionRecord:
     def from_json(cls, text: str | bytes) -> SessionRecord:
         data = json.loads(text)
         return cls(**{**data, "state": SessionState(data["state"])})
+
+
+def new_engine_session_id(session_id: str) -> str:
+    """A fresh engine id for a new incarnation of `session_id`; it starts with
+    the session id, so engine logs still name the session."""
+    return f"{session_id}@{uuid.uuid4().hex[:12]}"
 
 
 class UnknownSession(KeyError):

@@ -14,6 +14,7 @@ from cluster.state_store import (
     SessionState,
     UnknownSession,
     make_state_store,
+    new_engine_session_id,
 )
 
 
@@ -40,6 +41,28 @@ def test_session_round_trip(store) -> None:
     store.delete_session("s1")
     with pytest.raises(UnknownSession):
         store.get_session("s1")
+
+
+def test_each_incarnation_of_a_session_id_has_its_own_engine_id(store) -> None:
+    first = new_engine_session_id("s1")
+    store.create_session(SessionRecord("s1", "default-0", first))
+    assert store.get_session("s1").engine_session_id == first
+    store.delete_session("s1")
+    second = new_engine_session_id("s1")
+    store.create_session(SessionRecord("s1", "default-0", second))
+    assert store.get_session("s1").engine_session_id == second != first
+    assert first.startswith("s1@") and second.startswith("s1@")
+
+
+def test_a_record_without_an_engine_id_uses_the_session_id() -> None:
+    """Records written before `engine_session_id` existed still resolve."""
+    old = (
+        '{"session_id": "s1", "instance_id": "default-0", "state": "paused", '
+        '"strategy": null, "tokens": 5, "created_s": 1.0, "updated_s": 2.0}'
+    )
+    record = SessionRecord.from_json(old)
+    assert record.engine_session_id == "s1" and record.tokens == 5
+    assert SessionRecord.from_json(record.to_json()) == record
 
 
 def test_errors(store) -> None:
