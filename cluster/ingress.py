@@ -265,26 +265,7 @@ class Ingress:
     ):
         """Place the turn and start it on its engine; the response (or its
         stream) ends the turn."""
-        existing = None
-        if not ephemeral:
-            try:
-                existing = await asyncio.to_thread(self._store.get_session, session_id)
-            except UnknownSession:
-                existing = None
-        if existing is not None and existing.state is not SessionState.PAUSED:
-            raise ApiError(
-                409,
-                f"session {session_id!r} is {existing.state.value}; wait for its turn to end",
-                kind="invalid_request_error",
-                param="session_id",
-            )
-        if existing is not None and body.mars.plan is not None:
-            raise ApiError(
-                409,
-                f"session {session_id!r} exists; mars.plan runs a whole new session",
-                kind="invalid_request_error",
-                param="mars.plan",
-            )
+        existing = None if ephemeral else await self._session_to_continue(session_id, body)
         token_ids = self._tokens(body, chat=chat, continuing=existing is not None)
         if existing is not None:
             # The session's KV (preserved, swapped or to recompute) lives on its
@@ -333,6 +314,30 @@ class Ingress:
         if body.stream:
             return StreamingResponse(turn.sse(events), media_type="text/event-stream")
         return await turn.complete(events)
+
+    async def _session_to_continue(self, session_id: str, body: _Common) -> SessionRecord | None:
+        """The paused session this turn continues, or None for a new session;
+        a 409 if the session is mid-turn, or if a `mars.plan` (a whole new
+        session) names it."""
+        try:
+            existing = await asyncio.to_thread(self._store.get_session, session_id)
+        except UnknownSession:
+            return None
+        if existing.state is not SessionState.PAUSED:
+            raise ApiError(
+                409,
+                f"session {session_id!r} is {existing.state.value}; wait for its turn to end",
+                kind="invalid_request_error",
+                param="session_id",
+            )
+        if body.mars.plan is not None:
+            raise ApiError(
+                409,
+                f"session {session_id!r} exists; mars.plan runs a whole new session",
+                kind="invalid_request_error",
+                param="mars.plan",
+            )
+        return existing
 
     async def _place(self, session_id: str, prompt_tokens: int) -> DispatchDecision:
         try:

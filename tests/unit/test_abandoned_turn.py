@@ -25,6 +25,7 @@ class _SessionInfo:
         self.calls = 0
 
     async def remote(self, session_id: str) -> dict:
+        assert session_id == "s1@0"  # the engine knows this incarnation by its engine id
         self.calls += 1
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, BaseException):
@@ -36,7 +37,9 @@ def _read(outcomes: list[object]) -> tuple[dict, int]:
     info = _SessionInfo(outcomes)
     ingress = object.__new__(Ingress)  # only its engines are read here
     ingress._engines = {"default-0": SimpleNamespace(session_info=info)}
-    turn = SimpleNamespace(session_id="s1", request_id="r1", instance_id="default-0")
+    turn = SimpleNamespace(
+        session_id="s1", engine_session_id="s1@0", request_id="r1", instance_id="default-0"
+    )
     return asyncio.run(ingress._session_after_chunk(turn)), info.calls
 
 
