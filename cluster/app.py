@@ -25,6 +25,13 @@ scheduler: the load refresh calls them up to ten times a second. Our own log lin
 (placements, turns, failures) are unaffected; the ingress keeps its HTTP
 access log."""
 
+ENGINE_ENV = {"VLLM_CONFIGURE_LOGGING": "0"}
+"""Environment of the engine replicas. vLLM configures logging when it is
+imported, with `logging.config.dictConfig`, which closes every handler
+already installed: Ray Serve's replica log handler among them, after which
+the replica's log lost every line (ours, Serve's, vLLM's) silently. Without
+it, vLLM logs through the replica's handlers (`cluster.logs.adopt_into_serve_log`)."""
+
 ENGINE_CPUS = 1.0
 """Logical CPUs each engine replica reserves (Ray needs more logical CPUs
 than cores on small machines; see DESIGN.md)."""
@@ -56,13 +63,20 @@ def build_from_config(config: ServingConfig) -> Application:
                 EngineInstance,
                 name=f"engine-{instance_id}",
                 num_replicas=1,
-                ray_actor_options={"num_cpus": ENGINE_CPUS},
+                ray_actor_options={
+                    "num_cpus": ENGINE_CPUS,
+                    "runtime_env": {"env_vars": ENGINE_ENV},
+                },
                 health_check_period_s=10,
                 max_ongoing_requests=1024,
                 logging_config=INTERNAL_CALLS_LOGGING,
             )
             engines[instance_id] = deployment.bind(
-                instance_id, engine_config(config, pool.name), tools, metrics=config.metrics
+                instance_id,
+                engine_config(config, pool.name),
+                tools,
+                metrics=config.metrics,
+                session_ttl_s=config.state_store.session_ttl_s,
             )
     store = config.state_store.model_dump()
     scheduler = serve.deployment(

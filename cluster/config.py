@@ -103,7 +103,12 @@ class StateStoreSettings(BaseModel):
     url: str | None = Field(
         None, description="redis://host:port/db; None keeps sessions in process"
     )
-    session_ttl_s: float = Field(3600.0, gt=0, description="idle sessions expire after this")
+    session_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="a session with no turn for this long expires: its record, and on its "
+        "engine the paused session and its KV",
+    )
 
     @field_validator("url")
     @classmethod

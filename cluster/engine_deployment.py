@@ -9,6 +9,10 @@ directly), and Ray 2.60's LLM layer is tested against vLLM 0.29, not the
 Each instance is its own deployment (`engine-<instance id>`), so the global
 scheduler can address it, and later migrate from or to it.
 
+A session whose client never continues nor closes it is closed once it has
+waited `session_ttl_s` (the state store's expiry of its record): a
+background task looks for such sessions every `IDLE_SWEEP_PERIOD_S`.
+
 With metrics on, a background task publishes the instance's gauges
 (`cluster.metrics.EngineMetrics`) from its load snapshot every
 `METRICS_PERIOD_S`, whether or not requests arrive: the gauges describe the
@@ -33,6 +37,10 @@ from workers.tools import ToolCall, ToolRegistry, default_registry
 
 STARTUP_TIMEOUT_S = 600.0
 METRICS_PERIOD_S = 1.0
+IDLE_SWEEP_PERIOD_S = 30.0
+"""At most how often idle sessions are looked for (more often for a
+`session_ttl_s` under two minutes): a session is closed within this long
+after its limit."""
 """How often the instance's gauges are set: at least once per Ray metrics
 report (every `metrics_report_interval_ms`, 10 s by default and never under
 1 s), since a report carries only the gauges set since the last one."""
@@ -50,22 +58,23 @@ class EngineInstance:
         tools: list[dict],
         *,
         metrics: bool,
+        session_ttl_s: float,
     ) -> None:
         self.instance_id = instance_id
-        adopt_into_serve_log("workers")  # the engine thread's errors, in this replica's log
+        # The engine thread's errors, and vLLM's own lines, in this replica's log.
+        for package in ("workers", "vllm"):
+            adopt_into_serve_log(package)
         self._tools = _registry(tools)
         self._engine = AsyncMarsEngine(EngineConfig.model_validate(engine_config), self._tools)
         # The replica counts as started only once its engine has: Ray Serve
         # then routes nothing to it before, and `serve run` waits for it.
         self._engine.wait_started(timeout_s=STARTUP_TIMEOUT_S)
         # Serve runs the constructor on the replica's event loop, which then
-        # serves its requests: the task lives as long as the replica.
+        # serves its requests: the tasks live as long as the replica.
+        loop = asyncio.get_running_loop()
+        self._idle_task = loop.create_task(self._close_idle_sessions(session_ttl_s))
         self._metrics_task = (
-            asyncio.get_running_loop().create_task(
-                self._publish_metrics(EngineMetrics(instance_id))
-            )
-            if metrics
-            else None
+            loop.create_task(self._publish_metrics(EngineMetrics(instance_id))) if metrics else None
         )
         freeze_startup_heap()
 
@@ -176,6 +185,27 @@ class EngineInstance:
         engine = await self._ready()
         snapshot = await engine.call(lambda e: e.scheduler.load_snapshot())
         return {"instance_id": self.instance_id, **snapshot}
+
+    async def _close_idle_sessions(self, max_idle_s: float) -> None:
+        """Close the sessions that have awaited their client for `max_idle_s`,
+        for as long as the engine lives."""
+        period_s = max(0.5, min(IDLE_SWEEP_PERIOD_S, max_idle_s / 4))
+        while self._engine.alive:
+            await asyncio.sleep(period_s)
+            try:
+                closed = await self._engine.call(lambda e: e.close_idle_sessions(max_idle_s))
+            except Exception:
+                logger.warning(
+                    "instance=%s: closing idle sessions failed", self.instance_id, exc_info=True
+                )
+                continue
+            for session_id in closed:
+                logger.info(
+                    "closed idle session=%s instance=%s: no turn for %.0f s (session_ttl_s)",
+                    session_id,
+                    self.instance_id,
+                    max_idle_s,
+                )
 
     async def _publish_metrics(self, metrics: EngineMetrics) -> None:
         """Refresh the instance's gauges every `METRICS_PERIOD_S` while the engine

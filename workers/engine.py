@@ -119,6 +119,9 @@ class Session:
     """A client-driven session whose running chunk is its last: the engine
     closes it when the chunk ends (`open_session`/`continue_session` with
     ``last_chunk``), whether or not its caller is still there to ask."""
+    awaiting_since_s: float | None = None
+    """When the session last paused for its client (monotonic); None while
+    it is not awaiting the client."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -209,6 +212,7 @@ class MarsEngine:
         self._check_tokens("token_ids", token_ids, max_tokens, session.context_tokens)
         session.outputs.append([])
         session.state = SessionState.GENERATING
+        session.awaiting_since_s = None
         session.closes_after_chunk = last_chunk
         self._send_chunk(session, list(token_ids), max_tokens, 1, hints, stop_token_ids)
         return session
@@ -217,6 +221,24 @@ class MarsEngine:
         session = self._session(session_id)
         if session.state is not SessionState.FINISHED:
             self._finish(session)
+
+    def close_idle_sessions(self, max_idle_s: float, now: float | None = None) -> list[str]:
+        """Close the sessions that have awaited their client for more than
+        `max_idle_s` seconds (at `now`, monotonic; default: now) and return
+        their ids. A client that never continues or closes its session would
+        otherwise leave it paused for ever: its KV held on the device or the
+        host, and one more paused request for the scheduler to rank every
+        iteration."""
+        now = time.monotonic() if now is None else now
+        idle = [
+            session
+            for session in self.sessions.values()
+            if session.state is SessionState.AWAITING_CLIENT
+            and now - session.awaiting_since_s > max_idle_s
+        ]
+        for session in idle:
+            self._finish(session)
+        return [session.session_id for session in idle]
 
     def record(self, session_id: str) -> RequestRecord:
         """The scheduler's record: timeline, strategy, recompute/swap counters."""
@@ -391,6 +413,7 @@ class MarsEngine:
                 self._finish(session)
             else:
                 session.state = SessionState.AWAITING_CLIENT
+                session.awaiting_since_s = time.monotonic()
             return True
         call = session.plan.segments[session.segment_index].call
         if call is None:

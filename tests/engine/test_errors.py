@@ -81,3 +81,34 @@ def test_finished_sessions_beyond_the_retention_are_forgotten(tiny_model_dir):
         with pytest.raises(KeyError, match="unknown session_id 'b'"):
             engine.record("b")
         assert engine.record("a").phase.value == "finished"
+
+
+def test_sessions_idle_past_the_limit_are_closed_and_free_their_kv(tiny_model_dir):
+    """A client that never comes back: its paused session is closed once it
+    has awaited the client longer than the limit, and its blocks are freed;
+    a session that has not waited that long, or is not awaiting its client,
+    is left alone."""
+    with mars_engine(tiny_model_dir) as engine:
+        free_before = engine.scheduler.free_blocks()
+        engine.open_session("gone", prompt(70), 3)
+        engine.run_until_idle(timeout_s=120)
+        engine.open_session("back", prompt(12), 3)
+        engine.run_until_idle(timeout_s=120)
+        gone, back = engine.sessions["gone"], engine.sessions["back"]
+        assert gone.state is back.state is SessionState.AWAITING_CLIENT
+        assert engine.close_idle_sessions(3600.0) == []
+        # "back" paused later than "gone": a clock between the two idle times.
+        between = (
+            gone.awaiting_since_s + 3600.0 + (back.awaiting_since_s - gone.awaiting_since_s) / 2
+        )
+        assert engine.close_idle_sessions(3600.0, now=between) == ["gone"]
+        engine.run_until_idle(timeout_s=120)
+        assert gone.state is SessionState.FINISHED
+        assert back.state is SessionState.AWAITING_CLIENT and back.awaiting_since_s is not None
+        engine.continue_session("back", [5, 6], 2)
+        assert back.awaiting_since_s is None
+        assert engine.close_idle_sessions(0.0, now=between + 10_000) == []
+        engine.run_until_idle(timeout_s=120)
+        engine.close_session("back")
+        engine.run_until_idle(timeout_s=120)
+        assert engine.scheduler.free_blocks() == free_before
