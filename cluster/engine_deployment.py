@@ -37,13 +37,13 @@ from workers.tools import ToolCall, ToolRegistry, default_registry
 
 STARTUP_TIMEOUT_S = 600.0
 METRICS_PERIOD_S = 1.0
-IDLE_SWEEP_PERIOD_S = 30.0
-"""At most how often idle sessions are looked for (more often for a
-`session_ttl_s` under two minutes): a session is closed within this long
-after its limit."""
 """How often the instance's gauges are set: at least once per Ray metrics
 report (every `metrics_report_interval_ms`, 10 s by default and never under
 1 s), since a report carries only the gauges set since the last one."""
+IDLE_SWEEP_PERIOD_S = 30.0
+"""The longest wait between two looks for idle sessions (a quarter of
+`session_ttl_s` when that is shorter, never under 0.5 s): a session is
+closed at most this long after its limit."""
 
 logger = serve_logger(__name__)
 
