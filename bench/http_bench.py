@@ -57,7 +57,6 @@ import json
 import math
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -80,6 +79,7 @@ from bench.engine_bench import (
 )
 from bench.workload import TraceRequest, arrivals, build_workload, load_trace
 from cluster.config import ServingConfig, load_serving_config
+from cluster.ports import free_port
 from cluster.serve_env import serve_env
 
 CLUSTER_KEYS = (*REQUIRED_KEYS, "dispatch")
@@ -777,11 +777,6 @@ class Probe:
 
 
 # ----------------------------------------------------------- infrastructure
-def _free_port() -> int:
-    """A TCP port free now on 127.0.0.1 (for Serve's proxy and our Redis)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -1187,7 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = "quick_cluster" if args.quick else "cluster"
     overhead_path = out_dir / f"{prefix}_overhead.json"
-    port = args.port or _free_port()
+    port = args.port or free_port()
     overhead: dict[str, Any] | None = None
     index = 0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import ServingConfig, load_serving_config
+from cluster.ports import free_port
 from cluster.serve_env import serve_env
 
 APP_NAME = "mars"
@@ -49,16 +49,10 @@ class ClusterError(RuntimeError):
     """The local Ray cluster could not be started or reached."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_head(cpus: int) -> None:
     # Ray's default GCS port is Redis's 6379, often taken on a machine that
     # also runs the state store's Redis: let the OS pick a free one.
-    port = _free_port()
+    port = free_port()
     print(f"[up] starting a local Ray head ({cpus} logical CPUs, GCS port {port}) ...", flush=True)
     result = subprocess.run(
         [

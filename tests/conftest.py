@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from cluster.ports import free_port
 from cluster.serve_env import serve_env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 # The cluster tests run Ray Serve in the mode mars-serve deploys it in; Ray
 # reads these when its processes start, so before any test imports Ray.
@@ -23,7 +16,7 @@ def _free_port() -> int:
 # the tests clear of any other Serve on this machine.
 os.environ.update(serve_env())
 for _name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
-    os.environ.setdefault(_name, str(_free_port()))
+    os.environ.setdefault(_name, str(free_port()))
 # No external load balancer to drain an ingress replica from (30 s by default).
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from cluster.ports import free_port
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 MODEL = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def server(tiny_model_dir: Path, redis_url: str, tmp_path_factory):
 
     from cluster.app import build_app
 
-    port = _free_port()
+    port = free_port()
     config = tmp_path_factory.mktemp("serve") / "app.yaml"
     config.write_text(
         f"""

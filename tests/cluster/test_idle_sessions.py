@@ -4,21 +4,16 @@ has waited `session_ttl_s`: real Ray Serve and a vLLM CPU engine."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from cluster.ports import free_port
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SESSION_TTL_S = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _pause_then_watch(app_name: str) -> tuple[str, float]:
@@ -57,7 +52,7 @@ def test_an_idle_session_is_closed_on_its_engine_after_the_ttl(
 
     from cluster.app import build_app
 
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "app.yaml"
     config.write_text(
         f"""

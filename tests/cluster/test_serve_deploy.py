@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ports import free_port
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_YAML = REPO_ROOT / "configs" / "serve" / "deploy" / "local-cpu.serve.yaml"
 ENDPOINT = "http://127.0.0.1:8000"  # the example's http_options
 READY_TIMEOUT_S = 600.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ray_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -60,12 +55,12 @@ def ray_head(tiny_model_dir: Path):
     if not (REPO_ROOT / "models" / "tiny" / "config.json").exists():
         pytest.fail("the example config serves models/tiny: build it with `make model`")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # what Ray 2.60's local heads use
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     started = _ray_cli(
         "ray.scripts.scripts",
         "start",
         "--head",
-        f"--port={_free_port()}",  # Ray's default 6379 is the state store's Redis
+        f"--port={free_port()}",  # Ray's default 6379 is the state store's Redis
         "--num-cpus=8",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
