@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 from cluster.logs import adopt_into_serve_log, request_id, serve_logger
@@ -72,10 +73,14 @@ class EngineInstance:
         # Serve runs the constructor on the replica's event loop, which then
         # serves its requests: the tasks live as long as the replica.
         loop = asyncio.get_running_loop()
-        self._idle_task = loop.create_task(self._close_idle_sessions(session_ttl_s))
-        self._metrics_task = (
-            loop.create_task(self._publish_metrics(EngineMetrics(instance_id))) if metrics else None
-        )
+        sweep_s = max(0.5, min(IDLE_SWEEP_PERIOD_S, session_ttl_s / 4))
+        idle = partial(self._close_idle_sessions, session_ttl_s)
+        self._idle_task = loop.create_task(self._repeat(sweep_s, idle, "closing idle sessions"))
+        self._metrics_task = None
+        if metrics:
+            publish = partial(self._publish_metrics, EngineMetrics(instance_id))
+            repeat = self._repeat(METRICS_PERIOD_S, publish, "metrics refresh")
+            self._metrics_task = loop.create_task(repeat)
         freeze_startup_heap()
 
     async def _ready(self) -> AsyncMarsEngine:
@@ -186,38 +191,33 @@ class EngineInstance:
         snapshot = await engine.call(lambda e: e.scheduler.load_snapshot())
         return {"instance_id": self.instance_id, **snapshot}
 
-    async def _close_idle_sessions(self, max_idle_s: float) -> None:
-        """Close the sessions that have awaited their client for `max_idle_s`,
-        for as long as the engine lives."""
-        period_s = max(0.5, min(IDLE_SWEEP_PERIOD_S, max_idle_s / 4))
+    async def _repeat(
+        self, period_s: float, work: Callable[[], Awaitable[None]], what: str
+    ) -> None:
+        """Run `work` every `period_s` for as long as the engine lives (a dead
+        engine fails its health check and Serve replaces the replica); a
+        failed round is logged, and the next one tried."""
         while self._engine.alive:
-            await asyncio.sleep(period_s)
             try:
-                closed = await self._engine.call(lambda e: e.close_idle_sessions(max_idle_s))
+                await work()
             except Exception:
-                logger.warning(
-                    "instance=%s: closing idle sessions failed", self.instance_id, exc_info=True
-                )
-                continue
-            for session_id in closed:
-                logger.info(
-                    "closed idle session=%s instance=%s: no turn for %.0f s (session_ttl_s)",
-                    session_id,
-                    self.instance_id,
-                    max_idle_s,
-                )
+                logger.warning("instance=%s: %s failed", self.instance_id, what, exc_info=True)
+            await asyncio.sleep(period_s)
 
     async def _publish_metrics(self, metrics: EngineMetrics) -> None:
-        """Refresh the instance's gauges every `METRICS_PERIOD_S` while the engine
-        lives (a dead engine fails its health check and Serve replaces the replica)."""
-        while self._engine.alive:
-            try:
-                metrics.publish(await self.load())
-            except Exception:
-                logger.warning(
-                    "instance=%s: metrics refresh failed", self.instance_id, exc_info=True
-                )
-            await asyncio.sleep(METRICS_PERIOD_S)
+        """Set the instance's gauges from its load snapshot."""
+        metrics.publish(await self.load())
+
+    async def _close_idle_sessions(self, max_idle_s: float) -> None:
+        """Close the sessions that have awaited their client for `max_idle_s`."""
+        closed = await self._engine.call(lambda e: e.close_idle_sessions(max_idle_s))
+        for session_id in closed:
+            logger.info(
+                "closed idle session=%s instance=%s: no turn for %.0f s (session_ttl_s)",
+                session_id,
+                self.instance_id,
+                max_idle_s,
+            )
 
 
 def _session_info(engine: MarsEngine, session_id: str) -> dict[str, Any]:
