@@ -158,7 +158,7 @@ def _engine_request(request: TraceRequest, index: int):
 def replay(spec: RunSpec) -> dict:
     """Start an engine for `spec.policy`, replay the workload, return one row."""
     from policies import Strategy
-    from workers.engine import EngineConfig, MarsEngine, SessionState
+    from workers.engine import EngineConfig, MarsEngine, PlanState
     from workers.settings import CostOverride, SchedulerSettings
 
     started = time.monotonic()
@@ -204,19 +204,19 @@ def replay(spec: RunSpec) -> dict:
             lags.append(now - spec.offsets[next_index])
             submitted.append(engine.submit(plans[next_index]))
             next_index += 1
-        if next_index == len(plans) and all(s.state is SessionState.FINISHED for s in submitted):
+        if next_index == len(plans) and all(s.state is PlanState.FINISHED for s in submitted):
             break
         if now > spec.max_seconds:
             break
         if engine.has_work():
-            ended = engine.step()
+            engine.step()
             steps += 1
             for request in scheduler.requests.values():
                 if request.num_preemptions:
                     preemptions[request.request_id] = max(
                         preemptions.get(request.request_id, 0), request.num_preemptions
                     )
-            finished_now = sum(1 for s in ended if s.state is SessionState.FINISHED)
+            finished_now = sum(1 for s in submitted if s.state is PlanState.FINISHED) - done
             done += finished_now
             if bar is not None and (finished_now or steps % 50 == 0):
                 bar.set_postfix(submitted=next_index, active=next_index - done, refresh=False)
@@ -227,10 +227,10 @@ def replay(spec: RunSpec) -> dict:
     if bar is not None:
         bar.close()
 
-    completed = [s for s in submitted if s.state is SessionState.FINISHED]
+    completed = [s for s in submitted if s.state is PlanState.FINISHED]
     e2e = [s.e2e_s for s in completed]
     ttft = [s.ttft_s for s in completed if s.ttft_s is not None]
-    ours = {s.engine_request_id for s in submitted}
+    ours = {s.session_id for s in submitted}
     recompute_tokens = discards = swaps = swapped_tokens = 0
     spent = {"queued": 0.0, "running": 0.0, "held": 0.0}
     for request_id in ours:

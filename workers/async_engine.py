@@ -1,9 +1,9 @@
 """`AsyncMarsEngine`: a `MarsEngine` on its own thread, for asyncio servers.
 
 vLLM's in-process engine is driven by one thread, which owns every vLLM
-object; callers on the event loop send it commands and receive each
-session's tokens through an asyncio queue. The HTTP layer (and a Ray Serve
-replica) sits on top of this class and never touches the engine directly.
+object; callers on the event loop send it commands and receive each turn's
+events through an asyncio queue. The Ray Serve replica sits on top of this
+class and never touches the engine directly.
 """
 
 from __future__ import annotations
@@ -12,40 +12,27 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
-from workers.engine import AugmentedRequest, EngineConfig, MarsEngine, Session, SessionState
-from workers.hints import SegmentHints
+from workers.engine import AugmentedRequest, EngineConfig, MarsEngine, PlanSession, PlanState
 from workers.tools import ToolRegistry
+from workers.turns import TurnEnd, TurnEvent, TurnRequest
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class TokenDelta:
-    token_ids: list[int]
+class EngineStopped(RuntimeError):
+    """The engine thread has stopped (start-up failure, crash, shutdown):
+    nothing on this instance can run any more."""
 
 
 @dataclass(frozen=True)
-class ChunkEnd:
-    """The chunk (one generate-until-pause segment) is over."""
-
-    finish_reason: str
-    state: SessionState
-    token_ids: list[int]
-    """All tokens of the chunk."""
-
-
-@dataclass(frozen=True)
-class EngineFailed:
+class _Failed:
     reason: str
-
-
-Event = TokenDelta | ChunkEnd | EngineFailed
 
 
 class AsyncMarsEngine:
@@ -54,7 +41,8 @@ class AsyncMarsEngine:
 
     def __init__(self, config: EngineConfig, tools: ToolRegistry | None = None) -> None:
         self._commands: queue.SimpleQueue[Callable[[MarsEngine], None]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._plans: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stopping = threading.Event()
         self._failure: BaseException | None = None
         self._ready: Future[None] = Future()
@@ -75,7 +63,7 @@ class AsyncMarsEngine:
     async def call(self, fn: Callable[[MarsEngine], _T]) -> _T:
         """Run `fn(engine)` on the engine thread and return its result."""
         if self._failure is not None or not self._thread.is_alive():
-            raise RuntimeError(f"the MARS engine has stopped ({self._failure!r})")
+            raise EngineStopped(f"the MARS engine has stopped ({self._failure!r})")
         future: Future[_T] = Future()
 
         def command(engine: MarsEngine) -> None:
@@ -95,70 +83,39 @@ class AsyncMarsEngine:
         self._commands.put(command)
         return await asyncio.wrap_future(future)
 
-    async def generate(
-        self,
-        session_id: str,
-        token_ids: Sequence[int],
-        max_tokens: int,
-        *,
-        hints: SegmentHints | None = None,
-        stop_token_ids: Sequence[int] = (),
-        close: bool = False,
-    ) -> AsyncIterator[Event]:
-        """Run one chunk of a client-driven session, opening the session if it
-        is new and resuming it if it is paused; yields token deltas, then the
-        `ChunkEnd`.
-
-        With `close`, the chunk is the session's last: the engine closes the
-        session (frees its KV) itself as soon as the chunk ends, without the
-        caller waiting for it or sending a separate `close` (a one-turn
-        request then costs one call, not two), and even if the caller has
-        left (a cancelled request, a client gone) before the chunk ended.
-        """
-        stream: asyncio.Queue[Event] = asyncio.Queue()
-        if session_id in self._streams:
-            raise ValueError(f"session {session_id!r} already has a chunk running")
-        self._streams[session_id] = (asyncio.get_running_loop(), stream)
-
-        def start(engine: MarsEngine) -> None:
-            args = (session_id, token_ids, max_tokens, hints, stop_token_ids)
-            if session_id in engine.sessions:
-                engine.continue_session(*args, last_chunk=close)
-            else:
-                engine.open_session(*args, last_chunk=close)
-
+    async def generate(self, turn: TurnRequest) -> AsyncIterator[TurnEvent]:
+        """Run one turn; yield its outputs, then its `TurnEnd`. A caller that
+        stops iterating (its client left) aborts the turn."""
+        stream: asyncio.Queue = asyncio.Queue()
+        if turn.request_id in self._streams:
+            raise ValueError(f"request_id {turn.request_id!r} is already running")
+        self._streams[turn.request_id] = (asyncio.get_running_loop(), stream)
+        ended = False
         try:
-            await self.call(start)
+            await self.call(lambda engine: engine.add_turn(turn))
             while True:
                 event = await stream.get()
-                if isinstance(event, EngineFailed):
-                    raise RuntimeError(f"the MARS engine failed: {event.reason}")
+                if isinstance(event, _Failed):
+                    raise EngineStopped(f"the MARS engine failed: {event.reason}")
                 yield event
-                if isinstance(event, ChunkEnd):
+                if isinstance(event, TurnEnd):
+                    ended = True
                     return
         finally:
-            self._streams.pop(session_id, None)
+            self._streams.pop(turn.request_id, None)
+            if not ended and self._failure is None and self._thread.is_alive():
+                self._commands.put(lambda engine: engine.abort_turn(turn.request_id))
 
-    async def run_plan(self, request: AugmentedRequest) -> Session:
+    async def run_plan(self, request: AugmentedRequest) -> PlanSession:
         """Run a session whose tools execute server-side; return it when finished."""
-        stream: asyncio.Queue[Event] = asyncio.Queue()
-        if request.request_id in self._streams:
-            raise ValueError(f"session {request.request_id!r} already has a chunk running")
-        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[PlanSession] = loop.create_future()
+        self._plans[request.request_id] = (loop, done)
         try:
-            session = await self.call(lambda engine: engine.submit(request))
-            while session.state is not SessionState.FINISHED:
-                event = await stream.get()
-                if isinstance(event, EngineFailed):
-                    raise RuntimeError(f"the MARS engine failed: {event.reason}")
-                if isinstance(event, ChunkEnd) and event.state is SessionState.FINISHED:
-                    break
-            return session
+            await self.call(lambda engine: engine.submit(request))
+            return await done
         finally:
-            self._streams.pop(request.request_id, None)
-
-    async def close(self, session_id: str) -> None:
-        await self.call(lambda engine: engine.close_session(session_id))
+            self._plans.pop(request.request_id, None)
 
     @property
     def alive(self) -> bool:
@@ -177,18 +134,20 @@ class AsyncMarsEngine:
         except BaseException as exc:
             self._ready.set_exception(exc)
             return
-        engine.listeners.append(self._forward)
         self._ready.set_result(None)
         try:
             while not self._stopping.is_set():
                 self._run_commands(engine, block=not engine.has_work())
                 if engine.has_work():
-                    engine.step()
+                    self._forward(engine.step())
+                    self._settle_plans(engine)
         except BaseException as exc:
             logger.exception("MARS engine thread failed; failing every open stream")
             self._failure = exc
             for loop, stream in list(self._streams.values()):
-                loop.call_soon_threadsafe(stream.put_nowait, EngineFailed(repr(exc)))
+                loop.call_soon_threadsafe(stream.put_nowait, _Failed(repr(exc)))
+            for loop, done in list(self._plans.values()):
+                loop.call_soon_threadsafe(_fail, done, EngineStopped(repr(exc)))
         finally:
             engine.shutdown()
 
@@ -204,17 +163,31 @@ class AsyncMarsEngine:
             except queue.Empty:
                 command = None
 
-    def _forward(self, session: Session, token_ids: list[int], finish_reason: str | None) -> None:
-        """Engine-thread listener: hand each output to the session's stream."""
-        target = self._streams.get(session.session_id)
-        if target is None:
-            return
-        loop, stream = target
-        events: list[Event] = [TokenDelta(token_ids)] if token_ids else []
-        if finish_reason is not None:
-            events.append(ChunkEnd(finish_reason, session.state, list(session.outputs[-1])))
+    def _forward(self, events: list[TurnEvent]) -> None:
+        """Hand each event to its turn's stream (on its caller's loop)."""
         for event in events:
-            loop.call_soon_threadsafe(stream.put_nowait, event)
+            request_id = event.request_id if isinstance(event, TurnEnd) else event.output.request_id
+            target = self._streams.get(request_id)
+            if target is not None:
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, event)
+
+    def _settle_plans(self, engine: MarsEngine) -> None:
+        for session_id, (loop, done) in list(self._plans.items()):
+            session = engine.plans.get(session_id)
+            if session is not None and session.state is PlanState.FINISHED:
+                del self._plans[session_id]
+                loop.call_soon_threadsafe(_resolve, done, session)
+
+
+def _resolve(done: asyncio.Future, value: object) -> None:
+    if not done.done():
+        done.set_result(value)
+
+
+def _fail(done: asyncio.Future, exc: BaseException) -> None:
+    if not done.done():
+        done.set_exception(exc)
 
 
 def _wake_up(engine: MarsEngine) -> None:

@@ -1,33 +1,46 @@
-"""`MarsEngine`: one vLLM engine with the MARS scheduler, driving augmented
-sessions (generate, pause for a tool call, resume) through vLLM's
-streaming-input requests.
+"""`MarsEngine`: one vLLM engine with the MARS scheduler, serving turns
+(`workers.turns`) and keeping each session's KV between them.
 
 The engine core runs in this process (vLLM's in-process client), so the
 driver loop, the tool timers and the scheduler share one clock and the
-scheduler's records can be read directly. A session is one resumable vLLM
-request: each segment is one input chunk; between chunks the request is
-paused in the scheduler, which decides the fate of its KV.
+scheduler's records can be read directly. Every turn is an ordinary vLLM
+request on the session's whole context, with prefix caching on: between
+turns `MarsScheduler` parks the session's KV (preserve, discard, swap), and
+the next turn reuses whatever of it is still there.
+
+Server-side tool plans (`submit`), the benchmarks' workload, run on the same
+turns: the engine runs the tool when a turn ends and starts the next turn on
+the context plus the tool's result.
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import enum
 import heapq
 import itertools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policies import CostModel
+from policies import CostModel, Strategy
 from workers.hints import SegmentHints
-from workers.lifecycle import RequestRecord
+from workers.kv_connector import RECORD_DIGESTS_KEY
+from workers.lifecycle import Phase, RequestRecord, TimelineEvent
 from workers.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings
 from workers.tools import ToolCall, ToolRegistry, default_registry
+from workers.turns import (
+    KvReuse,
+    SessionAction,
+    TurnEnd,
+    TurnEvent,
+    TurnOutput,
+    TurnRequest,
+    mars_extra_args,
+)
 
 
 class EngineConfig(BaseModel):
@@ -44,6 +57,11 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(384, ge=32, description="iteration token budget")
     max_num_seqs: int = Field(256, ge=1)
     host_swap_tokens: int = Field(65536, ge=0, description="host swap space, in tokens of KV")
+    prefix_caching: bool = Field(
+        True,
+        description="vLLM's automatic prefix caching (on, as in stock vLLM): a session's next "
+        "turn and requests sharing a prompt prefix reuse cached blocks",
+    )
     dtype: str = "bfloat16"
     seed: int = 0
     memory_fraction: float = Field(
@@ -54,8 +72,11 @@ class EngineConfig(BaseModel):
     finished_sessions_kept: int = Field(
         10_000,
         ge=1,
-        description="finished sessions kept for inspection (outputs, timeline); older ones "
-        "are forgotten",
+        description="ended sessions and requests whose records are kept for inspection "
+        "(timeline, counters); older ones are forgotten",
+    )
+    record_kv_digests: bool = Field(
+        False, description="debug: digest every swapped block set (tests read them)"
     )
 
     @field_validator("block_size")
@@ -87,41 +108,28 @@ class AugmentedRequest:
     segments: Sequence[Segment]
 
 
-class SessionEnded(ValueError):
-    """A chunk sent to a session that has ended. Its id stays taken while the
-    engine keeps the finished session's record (`finished_sessions_kept`):
-    a new session needs a new id."""
-
-
-class SessionState(str, enum.Enum):
+class PlanState(str, enum.Enum):
     GENERATING = "generating"
     IN_TOOL = "in_tool"
     """A server-side tool call is running."""
-    AWAITING_CLIENT = "awaiting_client"
-    """Client-driven pause: the caller must continue or close the session."""
     FINISHED = "finished"
 
 
 @dataclass
-class Session:
+class PlanSession:
+    """A server-side plan in progress: its context grows by each segment's
+    tokens and each tool's result."""
+
     session_id: str
     arrival_s: float
-    plan: AugmentedRequest | None
-    state: SessionState = SessionState.GENERATING
+    plan: AugmentedRequest
+    context: list[int]
+    state: PlanState = PlanState.GENERATING
     segment_index: int = 0
-    context_tokens: int = 0
     first_token_s: float | None = None
     finished_s: float | None = None
-    outputs: list[list[int]] = field(default_factory=lambda: [[]])
+    outputs: list[list[int]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
-    engine_request_id: str = ""
-    closes_after_chunk: bool = False
-    """A client-driven session whose running chunk is its last: the engine
-    closes it when the chunk ends (`open_session`/`continue_session` with
-    ``last_chunk``), whether or not its caller is still there to ask."""
-    awaiting_since_s: float | None = None
-    """When the session last paused for its client (monotonic); None while
-    it is not awaiting the client."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -132,7 +140,46 @@ class Session:
         return None if self.finished_s is None else self.finished_s - self.arrival_s
 
 
-OutputListener = Callable[["Session", list[int], "str | None"], None]
+@dataclass(frozen=True)
+class SessionInfo:
+    """The engine's view of one session (`GET /v1/sessions/{id}` shows it)."""
+
+    session_id: str
+    phase: Phase
+    strategy: Strategy | None
+    """Where the session's KV is kept while it waits; None when the engine
+    keeps none (never parked here, or released)."""
+    kv_tokens: int
+    """Tokens whose KV the engine keeps for the session's next turn."""
+    turns: int
+    recomputed_tokens: int
+    swapped_out_tokens: int
+    swapped_in_tokens: int
+    last_turn: KvReuse | None
+    timeline: tuple[TimelineEvent, ...]
+
+
+@dataclass
+class _LiveTurn:
+    turn: TurnRequest
+    engine_request_id: str
+    started_s: float
+    token_ids: list[int] = field(default_factory=list)
+    """Tokens generated so far (choice 0)."""
+    plan: PlanSession | None = None
+
+    def take(self, output) -> None:
+        """Add an output's tokens: deltas are appended, cumulative and
+        final outputs hold them all."""
+        from vllm.sampling_params import RequestOutputKind
+
+        for completion in output.outputs:
+            if completion.index != 0:
+                continue
+            if self.turn.sampling.output_kind is RequestOutputKind.DELTA:
+                self.token_ids.extend(completion.token_ids)
+            else:
+                self.token_ids = list(completion.token_ids)
 
 
 class MarsEngine:
@@ -149,160 +196,165 @@ class MarsEngine:
         self._llm = LLMEngine.from_engine_args(EngineArgs(**_engine_kwargs(config)))
         self._core = self._llm.engine_core.engine_core
         self.scheduler = self._core.scheduler
-        self.sessions: dict[str, Session] = {}
-        self._by_engine_id: dict[str, Session] = {}
-        self._finished: collections.deque[str] = collections.deque()
-        self._timers: list[tuple[float, int, str, list[int]]] = []
-        self.listeners: list[OutputListener] = []
-        """Called on every output: new tokens, and the finish reason when a chunk ends."""
-        self._tie = itertools.count()
         self.tokenizer = self._llm.get_tokenizer()
+        self._live: dict[str, _LiveTurn] = {}
+        self._live_sessions: dict[str, str] = {}
+        self.plans: dict[str, PlanSession] = {}
+        self._timers: list[tuple[float, int, str, list[int]]] = []
+        self._tie = itertools.count()
+        self._ended: collections.deque[str] = collections.deque()
         if config.profile_costs and config.scheduler.cost is None:
             self.scheduler.set_cost_model(self.profile_costs())
 
-    # ------------------------------------------------------------ sessions
-    def submit(self, request: AugmentedRequest) -> Session:
-        """Start a session whose tools run server-side."""
-        self._validate_plan(request)
-        first = request.segments[0]
-        session = self._new_session(request.request_id, request)
-        self._send_chunk(session, list(request.prompt_token_ids), first.generate_tokens, 0)
-        return session
+    # --------------------------------------------------------------- turns
+    def add_turn(self, turn: TurnRequest) -> None:
+        """Start one turn; its events come out of `step`. Raises ValueError
+        (naming the field) on a turn vLLM or the session cannot take."""
+        from vllm.inputs import TokensPrompt
 
-    def open_session(
-        self,
-        session_id: str,
-        prompt_token_ids: Sequence[int],
-        max_tokens: int,
-        hints: SegmentHints | None = None,
-        stop_token_ids: Sequence[int] = (),
-        *,
-        last_chunk: bool = False,
-    ) -> Session:
-        """Start a client-driven session: it pauses when its chunk ends (or,
-        with `last_chunk`, is closed then: a one-turn request)."""
-        self._check_tokens("prompt_token_ids", prompt_token_ids, max_tokens)
-        session = self._new_session(session_id, None)
-        session.closes_after_chunk = last_chunk
-        self._send_chunk(session, list(prompt_token_ids), max_tokens, 0, hints, stop_token_ids)
-        return session
-
-    def continue_session(
-        self,
-        session_id: str,
-        token_ids: Sequence[int],
-        max_tokens: int,
-        hints: SegmentHints | None = None,
-        stop_token_ids: Sequence[int] = (),
-        *,
-        last_chunk: bool = False,
-    ) -> Session:
-        """Resume a paused client-driven session with the tool's result (with
-        `last_chunk`, the session is closed when this chunk ends)."""
-        session = self._session(session_id)
-        if session.state is SessionState.FINISHED:
-            raise SessionEnded(
-                f"session {session_id!r} has ended; this instance keeps its record for a "
-                f"while, so a new session needs a new id"
-            )
-        if session.state is not SessionState.AWAITING_CLIENT:
+        if turn.request_id in self._live:
+            raise ValueError(f"request_id {turn.request_id!r} is already running")
+        if turn.session_id is not None and turn.session_id in self._live_sessions:
             raise ValueError(
-                f"session {session_id!r} is {session.state.value}, not awaiting_client"
+                f"session {turn.session_id!r} already has a turn running "
+                f"({self._live_sessions[turn.session_id]!r})"
             )
-        self._check_tokens("token_ids", token_ids, max_tokens, session.context_tokens)
-        session.outputs.append([])
-        session.state = SessionState.GENERATING
-        session.awaiting_since_s = None
-        session.closes_after_chunk = last_chunk
-        self._send_chunk(session, list(token_ids), max_tokens, 1, hints, stop_token_ids)
-        return session
+        params = turn.sampling.clone()
+        params.extra_args = {**(params.extra_args or {}), **mars_extra_args(turn)}
+        engine_id = self._llm.add_request(
+            turn.request_id, TokensPrompt(prompt_token_ids=list(turn.prompt_token_ids)), params
+        )
+        self._live[turn.request_id] = _LiveTurn(turn, engine_id, time.monotonic())
+        if turn.session_id is not None:
+            self._live_sessions[turn.session_id] = turn.request_id
 
-    def close_session(self, session_id: str) -> None:
-        session = self._session(session_id)
-        if session.state is not SessionState.FINISHED:
-            self._finish(session)
+    def abort_turn(self, request_id: str) -> None:
+        """Stop a running turn (its caller left). A session turn's KV is
+        kept as if the turn had ended: the session's record decides what
+        its next turn sends."""
+        if request_id in self._live:
+            self._llm.abort_request([request_id])
+            live = self._live.pop(request_id)
+            self._turn_over(live)
+
+    def end_session(self, session_id: str) -> None:
+        """Release a session's kept KV and close its record."""
+        if session_id in self._live_sessions:
+            raise ValueError(f"session {session_id!r} has a turn running; it cannot end now")
+        self.scheduler.release_park(session_id)
+        record = self.scheduler.records.get(session_id)
+        if record is not None and record.phase is not Phase.FINISHED:
+            record.move(Phase.FINISHED, time.monotonic(), "session ended")
+            self._remember_ended(session_id)
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        record = self.scheduler.records.get(session_id)
+        if record is None:
+            raise KeyError(f"unknown session_id {session_id!r}")
+        park = self.scheduler.parks.get(session_id)
+        return SessionInfo(
+            session_id=session_id,
+            phase=record.phase,
+            strategy=park.strategy if park is not None else None,
+            kv_tokens=park.computed_tokens if park is not None else 0,
+            turns=record.segment_index + 1,
+            recomputed_tokens=record.recomputed_tokens,
+            swapped_out_tokens=record.swapped_out_tokens,
+            swapped_in_tokens=record.swapped_in_tokens,
+            last_turn=record.reuse,
+            timeline=tuple(record.timeline),
+        )
 
     def close_idle_sessions(self, max_idle_s: float, now: float | None = None) -> list[str]:
-        """Close the sessions that have awaited their client for more than
-        `max_idle_s` seconds (at `now`, monotonic; default: now) and return
-        their ids. A client that never continues or closes its session would
-        otherwise leave it paused for ever: its KV held on the device or the
-        host, and one more paused request for the scheduler to rank every
-        iteration."""
+        """End the sessions whose KV has waited more than `max_idle_s` seconds
+        (at `now`, monotonic; default: now) for a next turn, and return their
+        ids: a client that never comes back would otherwise leave its KV held
+        and one more parked session for the scheduler to rank every step."""
         now = time.monotonic() if now is None else now
-        idle = [
-            session
-            for session in self.sessions.values()
-            if session.state is SessionState.AWAITING_CLIENT
-            and now - session.awaiting_since_s > max_idle_s
-        ]
-        for session in idle:
-            self._finish(session)
-        return [session.session_id for session in idle]
+        idle = self.scheduler.parked_sessions_idle(max_idle_s, now)
+        for session_id in idle:
+            self.end_session(session_id)
+        return idle
 
-    def record(self, session_id: str) -> RequestRecord:
-        """The scheduler's record: timeline, strategy, recompute/swap counters."""
-        return self.scheduler.records[self._session(session_id).engine_request_id]
+    def record(self, key: str) -> RequestRecord:
+        """The scheduler's record of a session (or of a plan): timeline,
+        strategy, recompute and swap counters."""
+        return self.scheduler.records[key]
 
-    # ---------------------------------------------------------------- loop
-    def step(self) -> list[Session]:
-        """Fire due tool results, run one engine iteration; return sessions
-        whose chunk ended in this step."""
-        self._fire_due_timers()
-        if not self._engine_busy():
-            self._sleep_until_next_timer()
-            return []
-        ended = []
-        for output in self._llm.step():
-            session = self._by_engine_id.get(output.request_id)
-            if session is not None and self._on_output(session, output):
-                ended.append(session)
-        return ended
-
-    def has_work(self) -> bool:
-        return bool(self._timers) or self._engine_busy()
-
-    def _engine_busy(self) -> bool:
-        """Requests to run; paused sessions waiting for input do not count."""
-        return self.scheduler.get_num_unfinished_requests() > 0
-
-    def run_until_idle(self, timeout_s: float = 600.0) -> None:
-        """Step until no session is generating or in a server-side tool."""
-        deadline = time.monotonic() + timeout_s
-        while self.has_work():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"engine still busy after {timeout_s:.0f} s")
-            self.step()
-
-    # ------------------------------------------------------------ internals
-    def _new_session(self, session_id: str, plan: AugmentedRequest | None) -> Session:
-        if not session_id:
-            raise ValueError("session_id must be a non-empty string")
-        if session_id in self.sessions:
-            raise ValueError(f"session_id {session_id!r} already exists")
-        session = Session(session_id, arrival_s=time.monotonic(), plan=plan)
-        self.sessions[session_id] = session
+    # --------------------------------------------------------------- plans
+    def submit(self, request: AugmentedRequest) -> PlanSession:
+        """Start a session whose tools run server-side."""
+        self._validate_plan(request)
+        if request.request_id in self.plans or request.request_id in self._live_sessions:
+            raise ValueError(f"session_id {request.request_id!r} already exists")
+        session = PlanSession(
+            request.request_id, time.monotonic(), request, list(request.prompt_token_ids)
+        )
+        self.plans[request.request_id] = session
+        self._start_segment(session)
         return session
 
-    def _session(self, session_id: str) -> Session:
-        try:
-            return self.sessions[session_id]
-        except KeyError:
-            raise KeyError(f"unknown session_id {session_id!r}") from None
+    def _start_segment(self, session: PlanSession) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-    def _check_tokens(
-        self, name: str, token_ids: Sequence[int], max_tokens: int, context: int = 0
-    ) -> None:
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
-        if name == "prompt_token_ids" and not token_ids:
-            raise ValueError("prompt_token_ids must not be empty")
-        total = context + len(token_ids) + max_tokens
-        if total > self.config.max_model_len:
-            raise ValueError(
-                f"{name}: context {context} + {len(token_ids)} new tokens + max_tokens "
-                f"{max_tokens} = {total} exceeds max_model_len {self.config.max_model_len}"
-            )
+        segment = session.plan.segments[session.segment_index]
+        turn = TurnRequest(
+            request_id=f"{session.session_id}#{session.segment_index}",
+            prompt_token_ids=list(session.context),
+            sampling=SamplingParams(
+                max_tokens=segment.generate_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            ),
+            session_id=session.session_id,
+            action=SessionAction.KEEP if segment.call else SessionAction.END,
+            hints=self._plan_hints(session.plan, session.segment_index),
+        )
+        session.outputs.append([])
+        session.state = PlanState.GENERATING
+        self.add_turn(turn)
+        self._live[turn.request_id].plan = session
+
+    def _plan_hints(self, plan: AugmentedRequest, index: int) -> SegmentHints:
+        segment = plan.segments[index]
+        call = segment.call
+        oracle = self.config.scheduler.predictor == "oracle"
+        return SegmentHints(
+            tool=call.tool if call else None,
+            api_s=call.duration_s if (call and oracle) else None,
+            decode_tokens=segment.generate_tokens if oracle else None,
+            api_return_tokens=call.return_tokens if (call and oracle) else None,
+            final=call is None,
+        )
+
+    def _plan_turn_ended(self, session: PlanSession, end: TurnEnd) -> None:
+        session.outputs[-1] = list(end.output_token_ids)
+        session.finish_reasons.append(end.finish_reason or "abort")
+        session.context.extend(end.output_token_ids)
+        call = session.plan.segments[session.segment_index].call
+        if call is None:
+            session.state = PlanState.FINISHED
+            session.finished_s = time.monotonic()
+            self._remember_ended(session.session_id)
+            return
+        result = self.tools.run(call)
+        token_ids = result.token_ids
+        if token_ids is None:
+            token_ids = self.tokenizer.encode(result.text or "", add_special_tokens=False)
+        session.state = PlanState.IN_TOOL
+        due = time.monotonic() + result.duration_s
+        heapq.heappush(self._timers, (due, next(self._tie), session.session_id, token_ids))
+
+    def _fire_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, session_id, token_ids = heapq.heappop(self._timers)
+            session = self.plans[session_id]
+            session.context.extend(token_ids)
+            session.segment_index += 1
+            self._start_segment(session)
 
     def _validate_plan(self, request: AugmentedRequest) -> None:
         if not request.segments:
@@ -323,152 +375,85 @@ class MarsEngine:
                 f"max_model_len {self.config.max_model_len}"
             )
 
-    def _plan_hints(self, session: Session, index: int) -> SegmentHints:
-        segment = session.plan.segments[index]
-        call = segment.call
-        oracle = self.config.scheduler.predictor == "oracle"
-        return SegmentHints(
-            tool=call.tool if call else None,
-            api_s=call.duration_s if (call and oracle) else None,
-            decode_tokens=segment.generate_tokens if oracle else None,
-            api_return_tokens=call.return_tokens if (call and oracle) else None,
-            final=call is None,
+    # ---------------------------------------------------------------- loop
+    def step(self) -> list[TurnEvent]:
+        """Fire due tool results, run one engine iteration; return the events
+        of turns that are not server-side plans."""
+        self._fire_due_timers()
+        if not self._engine_busy():
+            self._sleep_until_next_timer()
+            return []
+        events: list[TurnEvent] = []
+        for output in self._llm.step():
+            live = self._live.get(output.request_id)
+            if live is None:
+                continue  # start-up profiling's own requests
+            live.take(output)
+            if live.plan is None:
+                events.append(TurnOutput(output))
+            if live.plan is not None and live.plan.first_token_s is None and live.token_ids:
+                live.plan.first_token_s = time.monotonic()
+            if output.finished:
+                del self._live[output.request_id]
+                end = self._turn_over(live, output)
+                if live.plan is not None:
+                    self._plan_turn_ended(live.plan, end)
+                else:
+                    events.append(end)
+        return events
+
+    def _turn_over(self, live: _LiveTurn, output=None) -> TurnEnd:
+        turn = live.turn
+        if turn.session_id is not None:
+            self._live_sessions.pop(turn.session_id, None)
+        key = turn.session_id or live.engine_request_id
+        record = self.scheduler.records.get(key)
+        reuse = record.reuse if record is not None and record.reuse else KvReuse(None, 0, 0, 0)
+        finish = None
+        if output is not None:
+            finish = next((c.finish_reason for c in output.outputs if c.index == 0), None)
+        if turn.action is not SessionAction.KEEP:
+            self._remember_ended(key)
+        return TurnEnd(
+            request_id=turn.request_id,
+            finish_reason=finish,
+            prompt_token_ids=tuple(turn.prompt_token_ids),
+            output_token_ids=tuple(live.token_ids),
+            kv=reuse,
+            engine_s=time.monotonic() - live.started_s,
         )
 
-    def _send_chunk(
-        self,
-        session: Session,
-        token_ids: list[int],
-        max_tokens: int,
-        chunk_index: int,
-        hints: SegmentHints | None = None,
-        stop_token_ids: Sequence[int] = (),
-    ) -> None:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+    def has_work(self) -> bool:
+        return bool(self._timers) or self._engine_busy()
 
-        if session.plan is not None:
-            hints = self._plan_hints(session, session.segment_index)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=session.plan is not None,
-            stop_token_ids=list(stop_token_ids),
-            output_kind=RequestOutputKind.DELTA,
-            extra_args=(hints or SegmentHints()).to_extra_args(),
-        )
-        request = self._llm.input_processor.process_inputs(
-            session.engine_request_id or session.session_id,
-            TokensPrompt(prompt_token_ids=token_ids),
-            params,
-            supported_tasks=("generate",),
-            resumable=True,
-        )
-        if chunk_index == 0:
-            self._llm.input_processor.assign_request_id(request)
-            session.engine_request_id = request.request_id
-            self._by_engine_id[request.external_req_id] = session
-        else:
-            request.external_req_id = session.session_id
-        session.context_tokens += len(token_ids)
-        self._add_to_engine(request)
+    def _engine_busy(self) -> bool:
+        """Requests to run; parked sessions do not count."""
+        return self.scheduler.get_num_unfinished_requests() > 0 or bool(self._live)
 
-    def _add_to_engine(self, request) -> None:
-        """Hand a chunk to the output processor and the engine core.
-
-        In-process, both would share the request's token list, and vLLM's
-        streaming-input update extends it on each side (a multiprocess engine
-        gets a serialized copy): give the core its own list.
-        """
-        self._llm.output_processor.add_request(request, None)
-        core_request = copy.copy(request)
-        core_request.prompt_token_ids = list(request.prompt_token_ids or [])
-        self._llm.engine_core.add_request(core_request)
-
-    def _on_output(self, session: Session, output) -> bool:
-        """Apply one output; tell the listeners (after the session's state has
-        moved, so they see where the chunk left it). True when a chunk ended."""
-        completion = output.outputs[0]
-        if session.state is SessionState.FINISHED:
-            return False
-        ended = self._apply_output(session, completion)
-        for listener in self.listeners:
-            listener(session, list(completion.token_ids), completion.finish_reason)
-        return ended
-
-    def _apply_output(self, session: Session, completion) -> bool:
-        if completion.token_ids:
-            if session.first_token_s is None:
-                session.first_token_s = time.monotonic()
-            session.outputs[-1].extend(completion.token_ids)
-        if completion.finish_reason is None:
-            return False
-        session.finish_reasons.append(completion.finish_reason)
-        # The chunk's last sampled token is not kept in the context (vLLM
-        # streaming input keeps only computed tokens).
-        session.context_tokens += max(0, len(session.outputs[-1]) - 1)
-        if session.plan is None:
-            if session.closes_after_chunk:
-                self._finish(session)
-            else:
-                session.state = SessionState.AWAITING_CLIENT
-                session.awaiting_since_s = time.monotonic()
-            return True
-        call = session.plan.segments[session.segment_index].call
-        if call is None:
-            self._finish(session)
-            return True
-        result = self.tools.run(call)
-        token_ids = result.token_ids
-        if token_ids is None:
-            token_ids = self.tokenizer.encode(result.text or "", add_special_tokens=False)
-        session.state = SessionState.IN_TOOL
-        due = time.monotonic() + result.duration_s
-        heapq.heappush(self._timers, (due, next(self._tie), session.session_id, token_ids))
-        return True
-
-    def _fire_due_timers(self) -> None:
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, session_id, token_ids = heapq.heappop(self._timers)
-            session = self.sessions[session_id]
-            session.segment_index += 1
-            session.outputs.append([])
-            session.state = SessionState.GENERATING
-            segment = session.plan.segments[session.segment_index]
-            self._send_chunk(session, token_ids, segment.generate_tokens, 1)
+    def run_until_idle(self, timeout_s: float = 600.0) -> list[TurnEvent]:
+        """Step until no turn runs and no server-side tool is pending; return
+        the events of the turns that are not plans."""
+        deadline = time.monotonic() + timeout_s
+        events: list[TurnEvent] = []
+        while self.has_work():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine still busy after {timeout_s:.0f} s")
+            events.extend(self.step())
+        return events
 
     def _sleep_until_next_timer(self) -> None:
         if self._timers:
             time.sleep(max(0.0, min(0.05, self._timers[0][0] - time.monotonic())))
 
-    def _finish(self, session: Session) -> None:
-        """Close the vLLM streaming session (a final non-resumable chunk)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        final = self._llm.input_processor.process_inputs(
-            session.engine_request_id,
-            TokensPrompt(prompt_token_ids=[0]),
-            SamplingParams(max_tokens=1),
-            supported_tasks=("generate",),
-        )
-        final.external_req_id = session.session_id
-        self._add_to_engine(final)
-        session.state = SessionState.FINISHED
-        session.finished_s = time.monotonic()
-        self._finished.append(session.session_id)
-        self._forget_oldest_finished()
-
-    def _forget_oldest_finished(self) -> None:
-        """Forget finished sessions beyond `finished_sessions_kept`, oldest
-        first: a server finishes sessions without end, and each one keeps its
-        tokens here and its timeline in the scheduler."""
-        while len(self._finished) > self.config.finished_sessions_kept:
-            session = self.sessions.pop(self._finished.popleft())
-            self._by_engine_id.pop(session.session_id, None)
-            self.scheduler.forget(session.engine_request_id)
+    def _remember_ended(self, key: str) -> None:
+        """Forget ended sessions' and requests' records beyond
+        `finished_sessions_kept`, oldest first: a server ends sessions
+        without end, and each keeps a timeline in the scheduler."""
+        self._ended.append(key)
+        while len(self._ended) > self.config.finished_sessions_kept:
+            old = self._ended.popleft()
+            self.scheduler.forget(old)
+            self.plans.pop(old, None)
 
     def shutdown(self) -> None:
         """Stop the engine core and release vLLM's process-wide state (the KV
@@ -503,7 +488,7 @@ def _engine_kwargs(config: EngineConfig) -> dict:
         max_num_seqs=config.max_num_seqs,
         num_gpu_blocks_override=config.num_kv_blocks,
         gpu_memory_utilization=config.memory_fraction,
-        enable_prefix_caching=False,
+        enable_prefix_caching=config.prefix_caching,
         enforce_eager=True,
         scheduler_cls="workers.scheduler.MarsScheduler",
         additional_config={ADDITIONAL_CONFIG_KEY: config.scheduler.model_dump()},
@@ -511,6 +496,9 @@ def _engine_kwargs(config: EngineConfig) -> dict:
             kv_connector="MarsKVConnector",
             kv_connector_module_path="workers.kv_connector",
             kv_role="kv_both",
-            kv_connector_extra_config={"host_capacity_tokens": config.host_swap_tokens},
+            kv_connector_extra_config={
+                "host_capacity_tokens": config.host_swap_tokens,
+                RECORD_DIGESTS_KEY: config.record_kv_digests,
+            },
         ),
     )

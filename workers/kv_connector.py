@@ -1,32 +1,32 @@
-"""MARS KV connector: moves a request's KV blocks between the engine's KV cache
-and a host buffer.
+"""MARS KV connector: copies a parked session's KV blocks to host memory
+and loads them into the blocks of the session's next turn.
 
-Today it carries the *swap* strategy (a paused request's blocks go to host
-memory and come back on resume). The same two operations — copy blocks out
-under a key, copy them into freshly allocated blocks — are what live
-migration and the prefill->decode hand-off need, so the host buffer is keyed
-by request id and the operations travel as plain metadata.
+The *swap* strategy: while a session waits on a tool call, its last turn's
+blocks (kept by `MarsScheduler`) are copied to a host buffer keyed by the
+session id and then freed; when the session's next turn arrives, vLLM asks
+`get_num_new_matched_tokens` how many of its prompt tokens the connector can
+supply beyond the local prefix-cache hit, allocates blocks for them, and the
+worker copies them in before the forward pass. A turn whose prompt does not
+start with the host copy's tokens (an edited history) loads nothing: its KV
+would be wrong.
 
 Roles, as in vLLM's `KVConnectorBase_V1`:
 
-- scheduler side (in the engine-core process, called by `MarsScheduler` and
-  by vLLM's scheduler): records swap-outs it is asked for, answers how many
-  tokens a resumed request can load from host, and packs this step's
-  operations into `MarsConnectorMetadata`.
-- worker side (next to the KV tensors): executes the operations at the start
-  of the step, before the forward pass when a load feeds it.
+- scheduler side (next to `MarsScheduler`): records the copies it is asked
+  for, answers what a new turn can load, packs this step's operations into
+  `MarsConnectorMetadata`.
+- worker side (next to the KV tensors): runs the copies at the start of the
+  step, before the forward pass that needs a load.
 
-Ordering: a swap-out is executed by the worker in the step that carries it;
-`MarsScheduler` frees the blocks only in the following step, so the copy
-never races a new owner's writes (vLLM may start non-load connector work
-after the forward).
+Ordering: a copy-out runs in the step that carries it; the scheduler frees
+the blocks only at the next step, so the copy never races a new owner.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +35,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+
+from workers.turns import TurnTags
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -45,33 +47,47 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+RECORD_DIGESTS_KEY = "record_digests"
+"""`kv_connector_extra_config` flag: keep a SHA-256 of every copied block
+set (tests compare the engine's KV before the copy-out and after the
+copy-in). Off in serving: it reads every copied byte again."""
+
 
 @dataclass(frozen=True)
 class BlockCopy:
-    """Copy `block_ids` of one request (holding `num_tokens` tokens) one way."""
+    """Copy the blocks of session `key` one way: device blocks `block_ids`
+    are the session's blocks `first_block`, `first_block + 1`, ..."""
 
-    request_id: str
+    key: str
     block_ids: tuple[int, ...]
-    num_tokens: int
+    first_block: int = 0
 
 
 @dataclass
 class MarsConnectorMetadata(KVConnectorMetadata):
     """This step's KV movements, scheduler -> worker."""
 
-    swap_out: list[BlockCopy] = field(default_factory=list)
-    swap_in: list[BlockCopy] = field(default_factory=list)
+    copy_out: list[BlockCopy] = field(default_factory=list)
+    copy_in: list[BlockCopy] = field(default_factory=list)
     drop: list[str] = field(default_factory=list)
-    """Host copies to free without loading (request aborted while swapped)."""
+    """Host copies to free without loading (the session ended, or its next
+    turn did not need them)."""
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """Scheduler-side record of one session's KV in host memory."""
+
+    token_ids: tuple[int, ...]
+    """The tokens whose KV is on host (the first `len(token_ids)`)."""
 
 
 @dataclass(frozen=True)
 class SwapRecord:
-    """Worker-side observation of one swap: digests of the engine's own KV
-    bytes, taken from the device blocks right before they were copied out
-    and right after they were copied back in."""
+    """Debug record of one swap (`record_digests`): digests of the engine's
+    own KV bytes right before the copy-out and right after the copy-in."""
 
-    request_id: str
+    key: str
     num_blocks: int
     bytes_copied: int
     out_digest: str
@@ -79,7 +95,7 @@ class SwapRecord:
 
 
 class MarsKVConnector(KVConnectorBase_V1):
-    """Host-memory swap of paused requests' KV blocks (see module docstring)."""
+    """Host-memory swap of parked sessions' KV blocks (see module docstring)."""
 
     def __init__(
         self,
@@ -91,11 +107,13 @@ class MarsKVConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.host_capacity_tokens = int(extra.get("host_capacity_tokens", 0))
+        self._record_digests = bool(extra.get(RECORD_DIGESTS_KEY, False))
         # Scheduler side.
-        self._host_tokens: dict[str, int] = {}
+        self._host_copies: dict[str, HostCopy] = {}
         self._pending_out: list[BlockCopy] = []
-        self._pending_in: dict[str, BlockCopy] = {}
+        self._pending_in: list[BlockCopy] = []
         self._pending_drop: list[str] = []
+        self._matches: dict[str, tuple[str, int]] = {}
         # Worker side.
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._host: dict[str, dict[str, torch.Tensor]] = {}
@@ -105,59 +123,70 @@ class MarsKVConnector(KVConnectorBase_V1):
     @property
     def free_host_tokens(self) -> int:
         """Host space left, in tokens; `MarsScheduler` reports it to policies."""
-        return self.host_capacity_tokens - sum(self._host_tokens.values())
+        used = sum(len(copy.token_ids) for copy in self._host_copies.values())
+        return self.host_capacity_tokens - used
 
-    def holds(self, request_id: str) -> bool:
-        return request_id in self._host_tokens
+    def holds(self, key: str) -> bool:
+        return key in self._host_copies
 
-    def request_swap_out(self, request_id: str, block_ids: list[int], num_tokens: int) -> None:
-        """Called by `MarsScheduler` when it demotes a paused request to SWAP.
-
-        The caller must keep the blocks allocated until the next step.
-        """
-        if num_tokens > self.free_host_tokens:
+    def request_swap_out(self, key: str, block_ids: list[int], token_ids: tuple[int, ...]) -> None:
+        """Called by `MarsScheduler` when it demotes a parked session to SWAP:
+        copy the KV of `token_ids` (held in `block_ids`) to host under `key`.
+        The caller keeps the blocks allocated until the next step."""
+        if len(token_ids) > self.free_host_tokens:
             raise ValueError(
-                f"swap of {num_tokens} tokens exceeds free host space {self.free_host_tokens}"
+                f"swap of {len(token_ids)} tokens exceeds free host space {self.free_host_tokens}"
             )
-        needed = -(-num_tokens // self._block_size)
-        self._pending_out.append(BlockCopy(request_id, tuple(block_ids[:needed]), num_tokens))
-        self._host_tokens[request_id] = num_tokens
+        needed = -(-len(token_ids) // self._block_size)
+        self._pending_out.append(BlockCopy(key, tuple(block_ids[:needed])))
+        self._host_copies[key] = HostCopy(tuple(token_ids))
+
+    def drop(self, key: str) -> None:
+        """Forget a session's host copy (the session ended, or its KV is back)."""
+        if self._host_copies.pop(key, None) is not None:
+            self._pending_drop.append(key)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        held = self._host_tokens.get(request.request_id, 0)
+        key = TurnTags.of(_extra_args(request)).session_id
+        copy = self._host_copies.get(key) if key is not None else None
+        if copy is None:
+            return 0, False
+        held = len(copy.token_ids)
+        if tuple(request.prompt_token_ids[:held]) != copy.token_ids:
+            return 0, False  # the history was edited: this KV belongs to another context
         # At least one token must be computed to sample the next one.
-        loadable = min(held, request.num_tokens - 1)
-        return max(0, loadable - num_computed_tokens), False
+        loadable = max(0, min(held, request.num_tokens - 1) - num_computed_tokens)
+        if loadable:
+            self._matches[request.request_id] = (key, num_computed_tokens)
+        return loadable, False
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        if num_external_tokens <= 0:
+        match = self._matches.pop(request.request_id, None)
+        if num_external_tokens <= 0 or match is None:
             return
+        key, local = match
         block_ids = blocks.get_block_ids()[0]
-        needed = -(-num_external_tokens // self._block_size)
-        self._pending_in[request.request_id] = BlockCopy(
-            request.request_id, tuple(block_ids[:needed]), num_external_tokens
-        )
+        first = local // self._block_size
+        last = -(-(local + num_external_tokens) // self._block_size)
+        self._pending_in.append(BlockCopy(key, tuple(block_ids[first:last]), first))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = MarsConnectorMetadata(
-            swap_out=self._pending_out,
-            swap_in=list(self._pending_in.values()),
-            drop=self._pending_drop,
+            copy_out=self._pending_out, copy_in=self._pending_in, drop=self._pending_drop
         )
-        for copy in meta.swap_in:
-            self._host_tokens.pop(copy.request_id, None)
-        self._pending_out, self._pending_in, self._pending_drop = [], {}, []
+        for copy in meta.copy_in:  # loaded: the host space is free again
+            self._host_copies.pop(copy.key, None)
+        self._pending_out, self._pending_in, self._pending_drop = [], [], []
         return meta
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        if self._host_tokens.pop(request.request_id, None) is not None:
-            self._pending_drop.append(request.request_id)
+        self._matches.pop(request.request_id, None)
         return False, None
 
     # ------------------------------------------------------------------- worker
@@ -174,12 +203,12 @@ class MarsKVConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, MarsConnectorMetadata)
-        for copy in meta.swap_out:
+        for copy in meta.copy_out:
             self._copy_out(copy)
-        for copy in meta.swap_in:
+        for copy in meta.copy_in:
             self._copy_in(copy)
-        for request_id in meta.drop:
-            self._host.pop(request_id, None)
+        for key in meta.drop:
+            self._host.pop(key, None)
 
     def time_block_copy(self, num_blocks: int, repeats: int = 5) -> float:
         """Seconds to copy `num_blocks` blocks of every layer to host and back,
@@ -196,26 +225,30 @@ class MarsKVConnector(KVConnectorBase_V1):
 
     def _copy_out(self, copy: BlockCopy) -> None:
         index = torch.tensor(copy.block_ids, dtype=torch.long)
-        saved = {}
-        for name, kv in self._kv_caches.items():
-            saved[name] = kv.index_select(0, index.to(kv.device)).to("cpu", copy=True)
-        self._host[copy.request_id] = saved
-        record = SwapRecord(
-            request_id=copy.request_id,
-            num_blocks=len(copy.block_ids),
-            bytes_copied=sum(t.numel() * t.element_size() for t in saved.values()),
-            out_digest=self._digest(copy.block_ids),
-        )
-        self.swap_log.setdefault(copy.request_id, []).append(record)
+        saved = {
+            name: kv.index_select(0, index.to(kv.device)).to("cpu", copy=True)
+            for name, kv in self._kv_caches.items()
+        }
+        self._host[copy.key] = saved
+        if self._record_digests:
+            record = SwapRecord(
+                key=copy.key,
+                num_blocks=len(copy.block_ids),
+                bytes_copied=sum(t.numel() * t.element_size() for t in saved.values()),
+                out_digest=self._digest(copy.block_ids),
+            )
+            self.swap_log.setdefault(copy.key, []).append(record)
 
     def _copy_in(self, copy: BlockCopy) -> None:
-        saved = self._host.pop(copy.request_id)
+        saved = self._host.pop(copy.key)
         index = torch.tensor(copy.block_ids, dtype=torch.long)
+        end = copy.first_block + len(copy.block_ids)
         for name, kv in self._kv_caches.items():
-            source = saved[name][: len(copy.block_ids)]
+            source = saved[name][copy.first_block : end]
             kv.index_copy_(0, index.to(kv.device), source.to(kv.device))
-        log = self.swap_log[copy.request_id]
-        log[-1] = SwapRecord(**{**log[-1].__dict__, "in_digest": self._digest(copy.block_ids)})
+        if self._record_digests:
+            log = self.swap_log[copy.key]
+            log[-1] = replace(log[-1], in_digest=self._digest(copy.block_ids))
 
     def _digest(self, block_ids: tuple[int, ...]) -> str:
         """SHA-256 over the given blocks of every layer, in layer order."""
@@ -241,3 +274,8 @@ class MarsKVConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+
+def _extra_args(request: Request) -> dict[str, Any] | None:
+    params = request.sampling_params
+    return params.extra_args if params is not None else None

@@ -1,4 +1,5 @@
-"""The life of one augmented request inside the engine, as MARS sees it.
+"""The life of one session (or one request outside sessions) inside the
+engine, as MARS sees it: its turns queue, run and pause between them.
 
 One enum, one transition table, one function that changes the phase; every
 change lands in the request's timeline, which callers read back.
@@ -10,6 +11,7 @@ import enum
 from dataclasses import dataclass, field
 
 from policies import Strategy
+from workers.turns import KvReuse
 
 
 class Phase(str, enum.Enum):
@@ -23,6 +25,7 @@ class Phase(str, enum.Enum):
 
 _ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.QUEUED: frozenset({Phase.RUNNING, Phase.PAUSED, Phase.FINISHED}),
+    # QUEUED -> PAUSED: a resumed turn aborted before it ran (its KV stays parked).
     Phase.RUNNING: frozenset({Phase.QUEUED, Phase.PAUSED, Phase.FINISHED}),
     Phase.PAUSED: frozenset({Phase.QUEUED, Phase.FINISHED}),
     Phase.FINISHED: frozenset(),
@@ -34,27 +37,36 @@ class TimelineEvent:
     t: float
     """Monotonic seconds (`time.monotonic()` in the engine process)."""
     event: str
-    """queued, scheduled, paused, demoted, resumed, preempted, finished."""
+    """queued, scheduled, paused, demoted, resumed, preempted, finished, ..."""
     strategy: Strategy | None = None
     detail: str = ""
 
 
 @dataclass
 class RequestRecord:
-    """MARS bookkeeping for one engine request (a whole augmented session)."""
+    """MARS bookkeeping for one session, across its turns (or for one request
+    outside sessions)."""
 
-    request_id: str
+    key: str
+    """The session id, or the request id of a request outside sessions."""
     first_arrival_s: float
     phase: Phase = Phase.QUEUED
+    turn_request_id: str = ""
+    """The engine request of the session's current (or last) turn."""
     strategy: Strategy = Strategy.PRESERVE
-    """Where the KV is while PAUSED, and how it comes back after resume."""
+    """Where the KV is while PAUSED."""
+    resumed_from: Strategy | None = None
+    """How the session's KV was kept when its current turn arrived; None
+    when the engine held none for it."""
+    previous_context_tokens: int = 0
+    """Tokens whose KV the session had kept when its current turn arrived."""
+    reuse: KvReuse | None = None
+    """What the current turn reused of that KV, read at its first schedule."""
     queued_since_s: float = 0.0
     has_run: bool = False
     waited_iterations: int = 0
-    frontier_tokens: int = 0
-    """Context tokens whose KV existed when the request was released (discard/swap)."""
     restore_pending: bool = False
-    """Released KV not yet rebuilt (recompute or swap-in still to come)."""
+    """The current turn comes back to released KV (recompute or swap-in to come)."""
     paused_at_s: float = 0.0
     segment_index: int = 0
     tool: str | None = None
@@ -77,7 +89,7 @@ class RequestRecord:
         """The one place a phase changes; raises on a transition the table forbids."""
         if phase is not self.phase and phase not in _ALLOWED[self.phase]:
             raise RuntimeError(
-                f"request {self.request_id}: illegal transition {self.phase.value} -> "
+                f"session {self.key}: illegal transition {self.phase.value} -> "
                 f"{phase.value} ({event})"
             )
         self.phase = phase

@@ -1,28 +1,33 @@
 """`MarsScheduler`: vLLM's v1 scheduler with MARS admission order and KV
-strategies for paused requests. Plugged in through `scheduler_cls`.
+strategies for sessions paused between turns. Plugged in through
+`scheduler_cls`.
 
-What it changes in vLLM, and where:
+Each turn of a session is an ordinary vLLM request (`workers.turns`). What
+this class changes in vLLM, and where:
 
 - Admission order: `self.waiting` is a `RankedRequestQueue` re-ranked by the
   engine policy (`policies/`) before each step when stale.
-- Paused requests: a streaming-input session that finished a chunk waits in
-  `WAITING_FOR_STREAMING_REQ` holding its KV blocks (vLLM's behaviour =
-  preserve). Each step the policy may demote paused requests: DISCARD frees
-  the blocks (the resume recomputes the context), SWAP copies them to host
-  through `MarsKVConnector` and frees them one step later.
-- Resume: `_update_request_as_session` is wrapped so a released request
-  keeps its context tokens, then restarts from zero computed tokens (recompute,
-  or a connector load for a swapped one).
+- Between turns: when a turn of a session that goes on ends, its blocks are
+  not freed (`_free_request` with the free delayed, as vLLM's connectors do
+  for a transfer): the session is *parked*, its KV preserved. Each step the
+  policy may demote parked sessions: DISCARD frees the blocks (they stay in
+  the prefix cache until reused, so a later turn may still hit them), SWAP
+  copies them to host through `MarsKVConnector` and frees them one step
+  later.
+- The session's next turn is a new request whose prompt is the whole
+  context: vLLM's prefix cache finds the preserved blocks (shared, not
+  copied), the connector loads swapped ones, and whatever is gone is
+  recomputed. Once the turn is scheduled, the park is released.
 
-Everything else — batching, chunked prefill, preemption — is vLLM's.
+Everything else (batching, chunked prefill, preemption, sampling) is vLLM's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.logger import init_logger
@@ -44,10 +49,12 @@ from policies import (
 )
 from policies.memory import memory_over_time_columns
 from policies.predictors import expected_call_s, remaining_call_s
+from workers import vllm_hooks
 from workers.hints import SegmentHints
 from workers.kv_connector import MarsKVConnector
 from workers.lifecycle import Phase, RequestRecord
 from workers.settings import SchedulerSettings, settings_from_additional_config
+from workers.turns import KvReuse, SessionAction, TurnTags
 
 logger = init_logger(__name__)
 
@@ -107,6 +114,22 @@ class RankedRequestQueue(RequestQueue):
         return iter(self._items)
 
 
+@dataclass
+class Park:
+    """A session's KV between two turns: its last turn's finished request,
+    whose blocks vLLM has not freed while `holds_blocks`."""
+
+    request: Request
+    token_ids: tuple[int, ...]
+    """The turn's whole context (prompt and generated tokens)."""
+    computed_tokens: int
+    """Tokens whose KV the turn left (all but the last sampled token)."""
+    strategy: Strategy = Strategy.PRESERVE
+    holds_blocks: bool = True
+    swap_pending: bool = False
+    """Copied to host this step; the blocks are freed at the next one."""
+
+
 class MarsScheduler(Scheduler):
     """See the module docstring."""
 
@@ -118,11 +141,13 @@ class MarsScheduler(Scheduler):
         self.engine_policy = make_engine_policy(self.settings.policy, **self.settings.policy_params)
         self.waiting = RankedRequestQueue()
         self.records: dict[str, RequestRecord] = {}
-        self._forget_when_freed: set[str] = set()
+        """MARS bookkeeping by session id (or request id outside sessions)."""
+        self.parks: dict[str, Park] = {}
+        self._tags: dict[str, TurnTags] = {}
+        self._forget_when_done: set[str] = set()
         self.iteration = 0
         self.last_scheduled_tokens = 0
         self._preempted_last_step = False
-        self._pending_free: list[Request] = []
         oracle = self.settings.predictor == "oracle"
         self.api_predictor = ApiDurationPredictor(prior=self.settings.api_prior_s, oracle=oracle)
         self.decode_predictor = DecodeLengthPredictor(
@@ -154,9 +179,7 @@ class MarsScheduler(Scheduler):
         """Called by the engine once start-up profiling has measured the costs.
 
         The cached rows carry terms priced under the old costs: drop them all,
-        so that every row is packed again under the new ones (rows of the old
-        `PricedRows` would be correct, only priced from scratch every
-        iteration)."""
+        so that every row is packed again under the new ones."""
         self.cost = cost
         self._priced = PricedRows(cost)
         for record in self.records.values():
@@ -165,12 +188,14 @@ class MarsScheduler(Scheduler):
 
     # ------------------------------------------------------------ snapshots
     def _view(self, request: Request, record: RequestRecord) -> RequestView:
-        generated = request.num_output_tokens if record.phase is not Phase.PAUSED else 0
+        """A waiting or running turn's policy view."""
         return RequestView(
             request_id=request.request_id,
             arrival_s=record.first_arrival_s,
             context_tokens=request.num_tokens,
-            predicted_decode_tokens=max(0, record.predicted_decode_tokens - generated),
+            predicted_decode_tokens=max(
+                0, record.predicted_decode_tokens - request.num_output_tokens
+            ),
             predicted_api_s=record.predicted_api_s,
             predicted_api_return_tokens=record.predicted_return_tokens,
             waited_iterations=record.waited_iterations,
@@ -178,6 +203,37 @@ class MarsScheduler(Scheduler):
             resumed_strategy=record.strategy if record.restore_pending else None,
             queued_since_s=record.queued_since_s,
         )
+
+    def _park_view(self, session_id: str, park: Park, now: float) -> RequestView:
+        """A parked session's view: the memory it would give back is the
+        blocks no one else holds (a prefix shared with other requests is
+        counted once, by them), and so is what a discard would recompute."""
+        record = self.records[session_id]
+        api_s = record.predicted_api_s
+        if api_s is not None:
+            api_s = expected_call_s(api_s, now - record.paused_at_s)
+        return RequestView(
+            request_id=session_id,
+            arrival_s=record.first_arrival_s,
+            context_tokens=self._exclusive_tokens(park),
+            predicted_decode_tokens=record.predicted_decode_tokens,
+            predicted_api_s=api_s,
+            predicted_api_return_tokens=record.predicted_return_tokens,
+            waited_iterations=record.waited_iterations,
+            has_run=True,
+            queued_since_s=record.queued_since_s,
+        )
+
+    def _exclusive_tokens(self, park: Park) -> int:
+        """Tokens of the park's blocks that only the park holds."""
+        ids = self._park_blocks(park)
+        shared = sum(1 for count in vllm_hooks.ref_counts(self.kv_cache_manager, ids) if count > 1)
+        return max(0, park.computed_tokens - shared * self.block_size)
+
+    def _park_blocks(self, park: Park) -> list[int]:
+        if not park.holds_blocks:
+            return []
+        return vllm_hooks.block_ids(self.kv_cache_manager, park.request.request_id)
 
     def _batch(self) -> BatchView:
         host = self.connector.free_host_tokens if self.connector is not None else 0
@@ -189,8 +245,8 @@ class MarsScheduler(Scheduler):
     def _apply_hints(self, record: RequestRecord, hints: SegmentHints) -> None:
         record.touch()
         if self.settings.predictor == "oracle" and hints.decode_tokens is None:
-            # No plan behind this chunk (start-up profiling, a session's closing
-            # chunk): nothing for the oracle to return, so a final one-token segment.
+            # No plan behind this turn (start-up profiling, a client's turn):
+            # nothing for the oracle to return, so a final one-token segment.
             hints = SegmentHints(tool=hints.tool, decode_tokens=1, final=True)
         record.tool = hints.tool
         if hints.final:
@@ -204,20 +260,41 @@ class MarsScheduler(Scheduler):
         )
         record.predicted_return_tokens = hints.api_return_tokens or 0
 
+    def _key(self, request: Request) -> str:
+        tags = self._tags.get(request.request_id)
+        return tags.session_id if tags is not None and tags.session_id else request.request_id
+
     # ------------------------------------------------------------- vLLM hooks
     def add_request(self, request: Request) -> None:
-        if request.request_id not in self.records:
-            now = time.monotonic()
-            record = RequestRecord(request.request_id, first_arrival_s=now, queued_since_s=now)
-            self._apply_hints(record, SegmentHints.from_extra_args(_extra_args(request)))
+        tags = TurnTags.of(_extra_args(request))
+        self._tags[request.request_id] = tags
+        key = tags.session_id or request.request_id
+        now = time.monotonic()
+        record = self.records.get(key)
+        if record is None or record.phase is Phase.FINISHED:
+            record = RequestRecord(key, first_arrival_s=now, queued_since_s=now)
+            self._apply_hints(record, tags.hints)
             record.note(now, "queued")
-            self.records[request.request_id] = record
+            self.records[key] = record
+        else:
+            self._on_resume(key, record, tags, now)
+        record.turn_request_id = request.request_id
         super().add_request(request)
+
+    def has_finished_requests(self) -> bool:
+        """vLLM's test, less the parked sessions: their finished requests stay
+        in `self.requests` for as long as their blocks are kept, and would
+        otherwise keep the engine core stepping for nothing."""
+        if self.finished_req_ids:
+            return True
+        running, waiting = self.get_request_counts()
+        parked = sum(1 for park in self.parks.values() if park.holds_blocks)
+        return len(self.requests) - parked > running + waiting
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self.iteration += 1
         self._free_swapped_out()
-        self._demote_paused()
+        self._demote_parked()
         self._evict_if_stalled()
         if self.waiting.changed or self.iteration % self.engine_policy.rerank_every == 0:
             self.waiting.rerank(self._ranked)
@@ -225,51 +302,104 @@ class MarsScheduler(Scheduler):
         self._account(output)
         return output
 
-    def _handle_stopped_request(self, request: Request) -> bool:
-        finished = super()._handle_stopped_request(request)
-        if not finished and request.status == RequestStatus.WAITING_FOR_STREAMING_REQ:
-            self._on_pause(request)
-        return finished
-
-    def _update_request_as_session(self, session: Request, update: Any) -> None:
-        record = self.records[session.request_id]
-        if record.phase is Phase.RUNNING:
-            # The next chunk was already queued: a pause of zero length.
-            self._on_pause(session)
-        if session in self._pending_free:
-            self._cancel_swap_out(session, record)
-        released = record.strategy is not Strategy.PRESERVE
-        if released:
-            session.num_computed_tokens = record.frontier_tokens
-        super()._update_request_as_session(session, update)
-        if released:
-            session.num_computed_tokens = 0
-            record.restore_pending = True
-            record.touch()
-            self.waiting.changed = True
-        self._on_resume(session, record, update)
-
     def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
-        record = self.records.get(request.request_id)
+        tags = self._tags.pop(
+            request.request_id, TurnTags(None, SessionAction.NONE, SegmentHints())
+        )
+        key = tags.session_id or request.request_id
+        record = self.records.get(key)
+        now = time.monotonic()
+        if tags.action is SessionAction.KEEP and request.status != RequestStatus.FINISHED_ERROR:
+            if request.num_computed_tokens == 0 and key in self.parks:
+                # Aborted before it ran: the session's earlier KV stays parked.
+                freed = super()._free_request(request, delay_free_blocks)
+                record.move(Phase.PAUSED, now, "turn aborted before it ran")
+                return freed
+            self.release_park(key)
+            freed = super()._free_request(request, delay_free_blocks=True)
+            self._park(key, request, record, now)
+            return freed
+        if tags.action is SessionAction.END:
+            self.release_park(key)
         if record is not None and record.phase is not Phase.FINISHED:
-            record.move(Phase.FINISHED, time.monotonic(), "finished")
+            record.move(Phase.FINISHED, now, "finished")
         freed = super()._free_request(request, delay_free_blocks)
-        if request.request_id in self._forget_when_freed:
-            self._forget_when_freed.discard(request.request_id)
-            del self.records[request.request_id]
+        if key in self._forget_when_done:
+            self._forget_when_done.discard(key)
+            self.records.pop(key, None)
         return freed
 
-    def forget(self, request_id: str) -> None:
-        """Drop a finished request's record (its owner keeps a bounded number
-        of them); one vLLM still holds is dropped when vLLM frees it."""
-        if request_id in self.requests:
-            self._forget_when_freed.add(request_id)
+    def forget(self, key: str) -> None:
+        """Drop a finished session's (or request's) record; one still live is
+        dropped when it finishes. Its owner keeps a bounded number of them."""
+        record = self.records.get(key)
+        if record is not None and record.phase is not Phase.FINISHED:
+            self._forget_when_done.add(key)
         else:
-            self.records.pop(request_id, None)
+            self.records.pop(key, None)
+
+    # ---------------------------------------------------------- sessions
+    def _park(self, key: str, request: Request, record: RequestRecord, now: float) -> None:
+        self.decode_predictor.observe(
+            record.tool, request.num_output_tokens, record.predicted_decode_tokens
+        )
+        self.parks[key] = Park(
+            request, tuple(request.all_token_ids), max(0, request.num_computed_tokens)
+        )
+        record.paused_at_s = now
+        record.strategy = Strategy.PRESERVE
+        record.restore_pending = False
+        record.move(Phase.PAUSED, now, "paused", strategy=Strategy.PRESERVE)
+
+    def release_park(self, session_id: str) -> None:
+        """Give the session's kept KV back (its blocks to the free queue, still
+        in the prefix cache; its host copy dropped)."""
+        park = self.parks.pop(session_id, None)
+        if park is None:
+            return
+        if park.holds_blocks:
+            vllm_hooks.free_delayed_blocks(self, park.request)
+        if self.connector is not None:
+            self.connector.drop(session_id)
+
+    def parked_sessions_idle(self, max_idle_s: float, now: float) -> list[str]:
+        """Sessions parked (awaiting their next turn) for more than `max_idle_s`."""
+        return [
+            key
+            for key in self.parks
+            if self.records[key].phase is Phase.PAUSED
+            and now - self.records[key].paused_at_s > max_idle_s
+        ]
+
+    def _on_resume(self, key: str, record: RequestRecord, tags: TurnTags, now: float) -> None:
+        if record.phase is not Phase.PAUSED:
+            raise ValueError(f"session {key!r} already has a turn {record.phase.value}")
+        if record.predicted_api_s is not None:
+            self.api_predictor.observe(
+                record.tool, now - record.paused_at_s, record.predicted_api_s
+            )
+        park = self.parks.get(key)
+        if park is not None and park.swap_pending:
+            self._cancel_swap(key, park)  # back before its blocks were freed: keep them
+        record.resumed_from = park.strategy if park is not None else None
+        record.previous_context_tokens = park.computed_tokens if park is not None else 0
+        record.restore_pending = park is not None and not park.holds_blocks
+        record.reuse = None
+        record.segment_index += 1
+        self._apply_hints(record, tags.hints)
+        record.queued_since_s = now
+        record.move(Phase.QUEUED, now, "resumed", strategy=record.resumed_from)
+
+    def _cancel_swap(self, key: str, park: Park) -> None:
+        park.swap_pending = False
+        park.strategy = Strategy.PRESERVE
+        self.records[key].strategy = Strategy.PRESERVE
+        self.connector.drop(key)
+        self.records[key].note(time.monotonic(), "swap cancelled", strategy=Strategy.PRESERVE)
 
     # ---------------------------------------------------------- MARS logic
     def _ranked(self, requests: list[Request]) -> list[Request]:
-        """Ready requests in policy order, then blocked (paused) ones."""
+        """Ready requests in policy order, then blocked ones."""
         ready = [r for r in requests if r.status in _READY]
         blocked = [r for r in requests if r.status not in _READY]
         order = self.engine_policy.order(self._columns(ready), self.cost, self._batch())
@@ -282,11 +412,10 @@ class MarsScheduler(Scheduler):
         Each waiting request's packed view, with its terms priced under the
         cost model (`PricedRows.row`), is kept on its record until the request
         changes, so a re-rank costs a join of cached rows plus the policy's
-        array work for the running batch, not a Python pass building 1,000
-        views nor a recomputation of what only the requests decide.
+        array work for the running batch.
         """
         priced = self._priced
-        records = [self.records[r.request_id] for r in ready]
+        records = [self.records[self._key(r)] for r in ready]
         for request, record in zip(ready, records, strict=True):
             if record.view_row is None:
                 record.view_row = priced.row(self._view(request, record))
@@ -296,225 +425,163 @@ class MarsScheduler(Scheduler):
             [record.waited_iterations for record in records],
         )
 
-    def _on_pause(self, request: Request) -> None:
-        now = time.monotonic()
-        record = self.records[request.request_id]
-        self.decode_predictor.observe(
-            record.tool, request.num_output_tokens, record.predicted_decode_tokens
-        )
-        record.paused_at_s = now
-        record.strategy = Strategy.PRESERVE
-        record.move(Phase.PAUSED, now, "paused", strategy=Strategy.PRESERVE)
-
-    def _on_resume(self, request: Request, record: RequestRecord, update: Any) -> None:
-        now = time.monotonic()
-        if record.predicted_api_s is not None:
-            self.api_predictor.observe(
-                record.tool, now - record.paused_at_s, record.predicted_api_s
-            )
-        record.segment_index += 1
-        self._apply_hints(record, SegmentHints.from_extra_args(_extra_args(request)))
-        record.queued_since_s = now
-        record.move(Phase.QUEUED, now, "resumed", strategy=record.strategy)
-
     def _memory_needed(self) -> bool:
-        """Whether the next ready request of either queue (in the order vLLM
-        admits them) needs more KV blocks than are free, or the last step had
-        to preempt a running request for blocks."""
+        """Whether the next ready request (in the order vLLM admits them)
+        needs more KV blocks than are free, or the last step had to preempt
+        a running request for blocks."""
         if self._preempted_last_step:
             return True
-        for queue in (self.kv_holding_waiting, self.waiting):
-            head = next((r for r in queue if r.status in _READY), None)
-            if head is not None and not self._fits(head):
-                return True
-        return False
+        head = next((r for r in self.waiting if r.status in _READY), None)
+        return head is not None and not self._fits(head)
 
     def _fits(self, request: Request) -> bool:
-        """Whether the free blocks cover what `request` needs beyond the blocks
-        it holds to compute all its tokens."""
-        held = 0
-        if self._holds_kv_blocks(request):
-            (block_ids,) = self.kv_cache_manager.get_block_ids(request.request_id)
-            held = len(block_ids)
-        return self._blocks_for(request.num_tokens) - held <= self.free_blocks()
+        """Whether the free blocks cover what `request` needs to compute all
+        its tokens, counting the prefix it will find in the cache (and the
+        cached blocks it takes out of the free pool)."""
+        cached_tokens, cached_free = vllm_hooks.cached_prefix(self.kv_cache_manager, request)
+        needed = self._blocks_for(request.num_tokens) - cached_tokens // self.block_size
+        return needed <= self.free_blocks() - cached_free
 
     def _evict_if_stalled(self) -> None:
         """Break a stall vLLM cannot: the last step scheduled nothing, nothing
-        runs (so there is nothing to preempt), and every ready request that
-        holds KV blocks (resumed with its KV preserved) needs more than are
-        free. The one the policy ranks last gives its blocks up, as vLLM's
+        runs (so there is nothing to preempt), and the next ready request
+        needs more blocks than are free while parked sessions hold some. The
+        park the policy ranks last gives its blocks up, as vLLM's
         preemption would do to a running request."""
-        if self.last_scheduled_tokens or self.running or self._pending_free:
+        if self.last_scheduled_tokens or self.running:
             return
-        holders = [r for r in self.kv_holding_waiting if r.status in _READY]
-        if not holders or self._fits(holders[0]):  # blocks came free since the last step
+        if any(park.swap_pending for park in self.parks.values()):
+            return  # blocks come free at the next step
+        holders = {k: p for k, p in self.parks.items() if p.holds_blocks}
+        if not holders or not self._memory_needed():
             return
-        victim_id = self.engine_policy.order(self._columns(holders), self.cost, self._batch())[-1]
-        victim = next(r for r in holders if r.request_id == victim_id)
-        record = self.records[victim_id]
-        strategy = self.engine_policy.eviction_strategy(
-            self._view(victim, record), self._batch(), self.cost
-        )
-        if strategy is Strategy.SWAP and (
-            self.connector is None or victim.num_computed_tokens > self.connector.free_host_tokens
-        ):
-            strategy = Strategy.DISCARD
-        self._release(victim, strategy, detail="evicted: no KV blocks for a ready request")
-        record.restore_pending = True
-
-    def _demote_paused(self) -> None:
-        batch = self._batch()
         now = time.monotonic()
+        views = {key: self._park_view(key, park, now) for key, park in holders.items()}
+        columns = RequestColumns.from_views(list(views.values()))
+        victim = self.engine_policy.order(columns, self.cost, self._batch())[-1]
+        strategy = self.engine_policy.eviction_strategy(views[victim], self._batch(), self.cost)
+        self._demote(victim, holders[victim], strategy, detail="evicted: no KV blocks to run")
+
+    def _demote_parked(self) -> None:
+        """Each step, the policy may demote parked sessions (preserved, and not
+        already resumed) to discard or swap."""
+        now = time.monotonic()
+        batch = self._batch()
         paused = []
-        for request in self.kv_holding_waiting:
-            record = self.records[request.request_id]
-            if record.phase is Phase.PAUSED and record.strategy is Strategy.PRESERVE:
-                view = self._view(request, record)
-                if view.predicted_api_s is not None:
-                    elapsed = now - record.paused_at_s
-                    view = dataclasses.replace(
-                        view, predicted_api_s=expected_call_s(view.predicted_api_s, elapsed)
-                    )
+        for key, park in self.parks.items():
+            record = self.records[key]
+            if record.phase is Phase.PAUSED and park.strategy is Strategy.PRESERVE:
+                view = self._park_view(key, park, now)
                 paused.append((view, self.engine_policy.choose_strategy(view, batch, self.cost)))
         if not paused:
             return
-        requests = {r.request_id: r for r in self.kv_holding_waiting}
-        host_left = batch.free_host_tokens
-        demoted = self.engine_policy.demotions(paused, memory_needed=self._memory_needed())
-        for request_id, strategy in demoted:
-            request = requests[request_id]
-            if strategy is Strategy.SWAP:
-                if self.connector is None or request.num_computed_tokens > host_left:
-                    self._release(request, Strategy.DISCARD, detail="host swap space full")
-                    continue
-                host_left -= request.num_computed_tokens
-            self._release(request, strategy)
+        for key, strategy in self.engine_policy.demotions(
+            paused, memory_needed=self._memory_needed()
+        ):
+            self._demote(key, self.parks[key], strategy)
 
-    def _release(self, request: Request, strategy: Strategy, detail: str = "") -> None:
-        """Demote a paused request's KV: DISCARD frees it now; SWAP copies it to
-        host this step and frees it next step."""
-        record = self.records[request.request_id]
-        record.strategy = strategy
-        record.frontier_tokens = request.num_computed_tokens
+    def _demote(self, key: str, park: Park, strategy: Strategy, detail: str = "") -> None:
+        """DISCARD frees the park's blocks now; SWAP copies them to host this
+        step and frees them at the next (without host space: DISCARD)."""
+        kept = park.token_ids[: park.computed_tokens]
+        if strategy is Strategy.SWAP and (
+            self.connector is None or len(kept) > self.connector.free_host_tokens or not kept
+        ):
+            strategy, detail = Strategy.DISCARD, detail or "host swap space full"
+        record = self.records[key]
+        record.strategy = park.strategy = strategy
         record.touch()
         record.note(time.monotonic(), "demoted", strategy=strategy, detail=detail)
         if strategy is Strategy.SWAP:
-            (block_ids,) = self.kv_cache_manager.get_block_ids(request.request_id)
-            self.connector.request_swap_out(
-                request.request_id, block_ids, request.num_computed_tokens
-            )
-            record.swapped_out_tokens += request.num_computed_tokens
-            self._pending_free.append(request)
+            self.connector.request_swap_out(key, self._park_blocks(park), kept)
+            record.swapped_out_tokens += len(kept)
+            park.swap_pending = True
             return
-        self._free_paused_blocks(request)
-
-    def _free_paused_blocks(self, request: Request) -> None:
-        self.kv_cache_manager.free(request)
-        request.num_computed_tokens = 0
-        self.kv_holding_waiting.remove_request(request)
-        self.waiting.add_request(request)
+        vllm_hooks.free_delayed_blocks(self, park.request)
+        park.holds_blocks = False
 
     def _free_swapped_out(self) -> None:
-        pending, self._pending_free = self._pending_free, []
-        for request in pending:
-            if request in self.kv_holding_waiting:
-                self._free_paused_blocks(request)
-                continue
-            # An evicted request was admitted in the step that copied it out
-            # (blocks came free meanwhile), or has finished: it keeps its blocks.
-            record = self.records[request.request_id]
-            self._keep_swapped_blocks(request, record)
-            record.restore_pending = False
-
-    def _cancel_swap_out(self, request: Request, record: RequestRecord) -> None:
-        """The API returned before the swapped-out blocks were freed: keep them."""
-        self._pending_free.remove(request)
-        self._keep_swapped_blocks(request, record)
-
-    def _keep_swapped_blocks(self, request: Request, record: RequestRecord) -> None:
-        """Drop the host copy of a swap-out whose blocks were never freed."""
-        self.connector.request_finished(request, [])
-        record.strategy = Strategy.PRESERVE
-        record.touch()
-        record.note(time.monotonic(), "swap cancelled", strategy=Strategy.PRESERVE)
+        for park in self.parks.values():
+            if park.swap_pending:
+                park.swap_pending = False
+                vllm_hooks.free_delayed_blocks(self, park.request)
+                park.holds_blocks = False
 
     def _account(self, output: SchedulerOutput) -> None:
-        """Observe what vLLM actually scheduled: first runs, recompute, swap-in,
-        starvation counters."""
+        """Observe what vLLM actually scheduled: first runs (and what each
+        reused of its session's KV), preemptions, starvation counters."""
         now = time.monotonic()
         self.last_scheduled_tokens = output.total_num_scheduled_tokens
         self._preempted_last_step = bool(output.preempted_req_ids)
         for request_id in output.preempted_req_ids or ():
-            record = self.records.get(request_id)
+            request = self.requests.get(request_id)
+            record = self.records.get(self._key(request)) if request is not None else None
             if record is not None and record.phase is Phase.RUNNING:
                 record.queued_since_s = now
                 record.move(Phase.QUEUED, now, "preempted")
-        scheduled = output.num_scheduled_tokens
-        for request_id, tokens in scheduled.items():
-            record = self.records[request_id]
+        for request_id in output.num_scheduled_tokens:
             request = self.requests[request_id]
+            key = self._key(request)
+            record = self.records[key]
             if record.phase is not Phase.RUNNING:
                 record.has_run = True
                 record.move(Phase.RUNNING, now, "scheduled")
-            if record.restore_pending:
-                self._account_restore(request, record, tokens)
+                reuse = vllm_hooks.prefill_reuse(request)
+                if record.reuse is None and reuse is not None:
+                    self._account_reuse(key, record, *reuse)
             record.waited_iterations = 0
         # Every ready waiting request counts; the policy decides whether only
         # those that already ran may starve (MARS.md's reference behaviour).
         for request in self.waiting:
             if request.status in _READY:
-                self.records[request.request_id].waited_iterations += 1
+                self.records[self._key(request)].waited_iterations += 1
 
-    def _account_restore(self, request: Request, record: RequestRecord, tokens: int) -> None:
-        computed_after = request.num_computed_tokens
-        computed_before = computed_after - tokens
-        if (
-            record.strategy is Strategy.SWAP
-            and computed_before > 0
-            and not record.swapped_in_tokens
-        ):
-            record.swapped_in_tokens = computed_before
-        restored_upto = min(record.frontier_tokens, computed_after)
-        if record.strategy is Strategy.DISCARD:
-            record.recomputed_tokens += max(0, restored_upto - computed_before)
-        if computed_after >= record.frontier_tokens:
-            record.restore_pending = False
-            record.touch()
-            self.waiting.changed = True
+    def _account_reuse(self, key: str, record: RequestRecord, cached: int, loaded: int) -> None:
+        """The turn's first schedule: record what it reused (vLLM's own
+        counters), and give the session's park back (the turn now holds
+        whatever of it the prefix cache had)."""
+        recomputed = max(0, record.previous_context_tokens - cached)
+        record.reuse = KvReuse(record.resumed_from, cached, loaded, recomputed)
+        record.recomputed_tokens += recomputed
+        record.swapped_in_tokens += loaded
+        record.restore_pending = False
+        record.touch()
+        self.waiting.changed = True
+        self.release_park(key)
 
     # ---------------------------------------------------------- inspection
     def free_blocks(self) -> int:
-        return self.kv_cache_manager.block_pool.get_num_free_blocks()
+        return vllm_hooks.num_free_blocks(self.kv_cache_manager)
 
     def load_snapshot(self) -> dict[str, int | float | list[tuple[float, int]]]:
         """This instance's load, as the global scheduler's `InstanceLoad` needs it.
 
-        ``paused_returns`` holds one ``(remaining_s, blocks)`` pair per paused
+        ``paused_returns`` holds one ``(remaining_s, blocks)`` pair per parked
         session whose KV was discarded or swapped out (the sessions and blocks
         summed in ``paused_released_blocks``): the seconds until its API call
-        is predicted to return (`remaining_call_s`: 0 once overdue or without
-        a prediction) and the blocks it will need again, so that placement can
-        weigh each by how soon it comes back.
+        is predicted to return (0 once overdue or without a prediction) and
+        the blocks it will need again. ``paused_preserved_blocks`` counts
+        each block the parks hold once, and only those no live request holds.
         """
         blocks = self._blocks_for
         now = time.monotonic()
         ready = [r for r in self.waiting if r.status in _READY]
-        preserved = released = 0
         returns: list[tuple[float, int]] = []
         paused = dict.fromkeys(Strategy, 0)
-        for request in [*self.waiting, *self.kv_holding_waiting]:
-            record = self.records[request.request_id]
+        held = Counter[int]()
+        for key, park in self.parks.items():
+            record = self.records[key]
             if record.phase is not Phase.PAUSED:
                 continue
-            paused[record.strategy] += 1
-            if record.strategy is Strategy.PRESERVE:
-                (held,) = self.kv_cache_manager.get_block_ids(request.request_id)
-                preserved += len(held)
+            paused[park.strategy] += 1
+            if park.holds_blocks:
+                held.update(self._park_blocks(park))
             else:
-                needed = blocks(record.frontier_tokens)
-                released += needed
                 remaining = remaining_call_s(record.predicted_api_s, now - record.paused_at_s)
-                returns.append((remaining, needed))
+                returns.append((remaining, blocks(park.computed_tokens)))
+        ids = list(held)
+        counts = vllm_hooks.ref_counts(self.kv_cache_manager, ids)
+        preserved = sum(1 for i, count in zip(ids, counts, strict=True) if count == held[i])
         backlog = 0.0
         if ready:
             columns = self._columns(ready)
@@ -527,7 +594,7 @@ class MarsScheduler(Scheduler):
             "waiting": len(ready),
             "waiting_demand_blocks": sum(blocks(r.num_tokens) for r in ready),
             "paused_preserved_blocks": preserved,
-            "paused_released_blocks": released,
+            "paused_released_blocks": sum(b for _, b in returns),
             "paused_returns": returns,
             "paused_preserved_sessions": paused[Strategy.PRESERVE],
             "paused_discarded_sessions": paused[Strategy.DISCARD],

@@ -1,5 +1,5 @@
-"""`AsyncMarsEngine`: concurrent sessions from an event loop, streamed tokens,
-client-driven resume, server-side plans, errors handed back to the caller."""
+"""`AsyncMarsEngine`: concurrent turns from an event loop, streamed outputs,
+resumed sessions, server-side plans, errors handed back to the caller."""
 
 from __future__ import annotations
 
@@ -7,25 +7,35 @@ import asyncio
 import time
 
 import pytest
+from vllm.exceptions import VLLMValidationError
 
-from tests.engine.helpers import SWAP_IS_CHEAP, prompt
-from workers.async_engine import AsyncMarsEngine, ChunkEnd, TokenDelta
-from workers.engine import AugmentedRequest, EngineConfig, Segment, SessionEnded, SessionState
+from tests.engine.helpers import SWAP_IS_CHEAP, next_context, prompt, turn
+from workers.async_engine import AsyncMarsEngine
+from workers.engine import AugmentedRequest, EngineConfig, PlanState, Segment
 from workers.settings import SchedulerSettings
 from workers.tools import ToolCall
+from workers.turns import TurnEnd, TurnOutput
 
 pytestmark = pytest.mark.engine
 
 
-async def _chunk(engine, session_id, token_ids, max_tokens):
+async def _run(engine, t):
     deltas, end = [], None
-    async for event in engine.generate(session_id, token_ids, max_tokens):
-        if isinstance(event, TokenDelta):
-            deltas.extend(event.token_ids)
+    async for event in engine.generate(t):
+        if isinstance(event, TurnOutput):
+            deltas.extend(event.output.outputs[0].token_ids)
         else:
-            assert isinstance(event, ChunkEnd)
+            assert isinstance(event, TurnEnd)
             end = event
     return deltas, end
+
+
+def _streamed(request_id, tokens, session=None, max_tokens=6):
+    from vllm.sampling_params import RequestOutputKind
+
+    return turn(
+        request_id, tokens, session, max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA
+    )
 
 
 async def _scenario(model_dir):
@@ -40,15 +50,16 @@ async def _scenario(model_dir):
     try:
         await engine.ready()
         (a_tokens, a_end), (b_tokens, b_end) = await asyncio.gather(
-            _chunk(engine, "a", prompt(50), 6), _chunk(engine, "b", prompt(70, seed=4), 9)
+            _run(engine, _streamed("a1", prompt(50), "a", 6)),
+            _run(engine, _streamed("b1", prompt(70, seed=4), None, 9)),
         )
         assert (len(a_tokens), len(b_tokens)) == (6, 9)
-        assert a_end.token_ids == a_tokens and b_end.token_ids == b_tokens
-        assert a_end.state is SessionState.AWAITING_CLIENT
+        assert list(a_end.output_token_ids) == a_tokens and list(b_end.output_token_ids) == b_tokens
         assert a_end.finish_reason == "length"
 
-        resumed, end = await _chunk(engine, "a", [5, 6, 7], 4)
-        assert len(resumed) == 4 and end.state is SessionState.AWAITING_CLIENT
+        resumed, end = await _run(engine, _streamed("a2", next_context(a_end, [5, 6, 7]), "a", 4))
+        assert len(resumed) == 4
+        assert end.kv.resumed_from.value == "preserve" and end.kv.cached_tokens == 32
         events = await engine.call(lambda e: [x.event for x in e.record("a").timeline])
         assert events.count("resumed") == 1 and events.count("paused") == 2
 
@@ -58,21 +69,18 @@ async def _scenario(model_dir):
             [Segment(5, ToolCall("emulated", duration_s=0.2, return_tokens=7)), Segment(5)],
         )
         session = await engine.run_plan(plan)
-        assert session.state is SessionState.FINISHED
+        assert session.state is PlanState.FINISHED
         assert [len(o) for o in session.outputs] == [5, 5]
 
-        await engine.close("a")
-        with pytest.raises(SessionEnded, match="a new session needs a new id"):
-            await _chunk(engine, "a", [1], 2)
-        with pytest.raises(ValueError, match="max_tokens must be >= 1"):
-            await _chunk(engine, "c", prompt(8), 0)
-        free = await engine.call(lambda e: e.scheduler.free_blocks())
-        assert free > 0
+        await engine.call(lambda e: e.end_session("a"))
+        with pytest.raises(VLLMValidationError, match="maximum context length"):
+            await _run(engine, _streamed("c", prompt(1100)))
+        assert engine.alive
     finally:
         engine.shutdown()
 
 
-def test_async_engine_serves_concurrent_sessions(tiny_model_dir):
+def test_async_engine_serves_concurrent_turns(tiny_model_dir):
     asyncio.run(_scenario(tiny_model_dir))
 
 
@@ -87,35 +95,33 @@ async def _cancelled_calls(model_dir):
         # disconnecting, cancels a replica's call).
         busy = asyncio.ensure_future(engine.call(lambda e: time.sleep(0.3)))
         calls = [asyncio.ensure_future(engine.call(lambda e: e.scheduler.free_blocks()))]
-        calls.append(asyncio.ensure_future(_chunk(engine, "gone", prompt(20), 4)))
+        calls.append(asyncio.ensure_future(_run(engine, _streamed("gone", prompt(20), None, 4))))
         await asyncio.sleep(0.05)
         for call in calls:
             call.cancel()
         await busy
         await asyncio.gather(*calls, return_exceptions=True)
         # The engine survived its callers' cancellations and still serves.
-        tokens, end = await _chunk(engine, "after", prompt(30, seed=2), 3)
+        tokens, end = await _run(engine, _streamed("after", prompt(30, seed=2), None, 3))
         assert len(tokens) == 3 and end.finish_reason == "length"
         assert engine.alive
-        assert "gone" not in await engine.call(lambda e: list(e.sessions))
 
-        # A last chunk (close=True) whose caller leaves after its first token
-        # is still closed by the engine when it ends: no session left holding KV.
-        chunk = engine.generate("left", prompt(20, seed=3), 8, close=True)
-        assert isinstance(await chunk.__anext__(), TokenDelta)
-        await chunk.aclose()
+        # A session turn whose caller leaves after its first output is aborted;
+        # the session's KV is kept for its next turn, nothing is left running.
+        stream = engine.generate(_streamed("left", prompt(40, seed=3), "s", 200))
+        assert isinstance(await stream.__anext__(), TurnOutput)
+        await stream.aclose()
         for _ in range(200):
-            state = await engine.call(lambda e: e.sessions["left"].state)
-            if state is SessionState.FINISHED:
+            phase = await engine.call(lambda e: e.session_info("s").phase.value)
+            if phase == "paused":
                 break
             await asyncio.sleep(0.05)
-        assert state is SessionState.FINISHED
-        outputs = await engine.call(lambda e: e.sessions["left"].outputs)
-        assert [len(o) for o in outputs] == [8]
+        assert phase == "paused"
+        assert await engine.call(lambda e: e.scheduler.get_num_unfinished_requests()) == 0
     finally:
         engine.shutdown()
 
 
-def test_cancelled_calls_do_not_stop_the_engine(tiny_model_dir):
-    # Bounded: before the fix the engine thread died and a caller waited for ever.
+def test_cancelled_calls_and_callers_that_leave_do_not_stop_the_engine(tiny_model_dir):
+    # Bounded: an engine thread that died would leave a caller waiting for ever.
     asyncio.run(asyncio.wait_for(_cancelled_calls(tiny_model_dir), timeout=120))

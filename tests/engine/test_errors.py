@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from vllm.exceptions import VLLMValidationError
 
-from tests.engine.helpers import mars_engine, prompt
-from workers.engine import AugmentedRequest, EngineConfig, Segment, SessionEnded, SessionState
+from tests.engine.helpers import mars_engine, next_context, prompt, run_turns, turn
+from workers.engine import AugmentedRequest, EngineConfig, PlanState, Segment
 from workers.settings import SchedulerSettings
 from workers.tools import ToolCall
+from workers.turns import SessionAction
 
 pytestmark = pytest.mark.engine
 
@@ -20,6 +22,15 @@ def test_config_errors_name_the_field():
         EngineConfig(model="m", block_size=48)
     with pytest.raises(ValidationError, match="extra"):
         EngineConfig(model="m", blocks=3)
+
+
+def test_turn_shape_errors_name_the_field():
+    with pytest.raises(ValueError, match="prompt_token_ids must not be empty"):
+        turn("r", [])
+    with pytest.raises(ValueError, match="session_id None and action 'keep' disagree"):
+        turn("r", [1], action=SessionAction.KEEP)
+    with pytest.raises(ValueError, match="n is 2"):
+        turn("r", [1], "s", n=2, temperature=1.0)
 
 
 def test_request_errors_name_the_field_and_the_engine_keeps_serving(tiny_model_dir):
@@ -44,17 +55,23 @@ def test_request_errors_name_the_field_and_the_engine_keeps_serving(tiny_model_d
         for request, message in bad:
             with pytest.raises(ValueError, match=message):
                 engine.submit(request)
+        engine.add_turn(turn("s1", prompt(30, seed=1), "s"))
+        with pytest.raises(ValueError, match="session 's' already has a turn running"):
+            engine.add_turn(turn("s1b", prompt(30, seed=1), "s"))
+        with pytest.raises(ValueError, match="request_id 's1' is already running"):
+            engine.add_turn(turn("s1", prompt(30, seed=2)))
+        with pytest.raises(ValueError, match="session 's' has a turn running"):
+            engine.end_session("s")
+        with pytest.raises(VLLMValidationError, match="maximum context length"):  # vLLM's own check
+            engine.add_turn(turn("long", prompt(1100)))
         with pytest.raises(KeyError, match="unknown session_id 'ghost'"):
-            engine.continue_session("ghost", [1], 4)
-        with pytest.raises(ValueError, match="max_tokens must be >= 1"):
-            engine.open_session("c", prompt(8), 0)
-        engine.run_until_idle(timeout_s=120)
-        assert ok.state is SessionState.FINISHED
-        assert len(ok.outputs) == 2 and all(len(o) == 4 for o in ok.outputs)
+            engine.session_info("ghost")
+        ends = {e.request_id: e for e in engine.run_until_idle(timeout_s=120) if hasattr(e, "kv")}
+        assert ok.state is PlanState.FINISHED
+        assert [len(o) for o in ok.outputs] == [4, 4]
         calculator_result = engine.tokenizer.encode("42", add_special_tokens=False)
-        assert ok.context_tokens == 40 + 3 + len(calculator_result) + 3
-        with pytest.raises(SessionEnded, match="a new session needs a new id"):
-            engine.continue_session("ok", [1], 4)
+        assert len(ok.context) == 40 + 4 + len(calculator_result) + 4
+        assert len(ends["s1"].output_token_ids) == 8
 
 
 def test_start_up_profiling_measures_costs(tiny_model_dir):
@@ -66,49 +83,38 @@ def test_start_up_profiling_measures_costs(tiny_model_dir):
         assert cost.kv_bytes_per_token == 512
 
 
-def test_finished_sessions_beyond_the_retention_are_forgotten(tiny_model_dir):
-    """A server finishes sessions without end: past `finished_sessions_kept`,
-    the oldest finished session and its scheduler record are dropped, and the
-    engine keeps serving (a forgotten id is unknown, so it can be reused)."""
+def test_ended_sessions_beyond_the_retention_are_forgotten(tiny_model_dir):
+    """A server ends sessions without end: past `finished_sessions_kept`, the
+    oldest ended session's record is dropped, and the engine keeps serving
+    (an ended id starts a new session)."""
     with mars_engine(tiny_model_dir, finished_sessions_kept=2) as engine:
         for name in ("a", "b", "c", "a"):
-            engine.open_session(name, prompt(12), 3)
-            engine.run_until_idle(timeout_s=120)
-            engine.close_session(name)
-            engine.run_until_idle(timeout_s=120)
-        assert list(engine.sessions) == ["c", "a"]
-        assert len(engine.scheduler.records) == 2
+            run_turns(engine, turn(f"{name}-{len(engine.scheduler.records)}", prompt(12), name))
+            engine.end_session(name)
+        assert set(engine.scheduler.records) == {"c", "a"}
         with pytest.raises(KeyError, match="unknown session_id 'b'"):
-            engine.record("b")
-        assert engine.record("a").phase.value == "finished"
+            engine.session_info("b")
+        assert engine.session_info("a").phase.value == "finished"
+        assert engine.session_info("a").turns == 1  # a new incarnation, not a resumed one
 
 
 def test_sessions_idle_past_the_limit_are_closed_and_free_their_kv(tiny_model_dir):
-    """A client that never comes back: its paused session is closed once it
-    has awaited the client longer than the limit, and its blocks are freed;
-    a session that has not waited that long, or is not awaiting its client,
-    is left alone."""
+    """A client that never comes back: its parked session is ended once it
+    has waited longer than the limit, and its blocks are freed; a session
+    that has not waited that long, or has a turn running, is left alone."""
     with mars_engine(tiny_model_dir) as engine:
         free_before = engine.scheduler.free_blocks()
-        engine.open_session("gone", prompt(70), 3)
-        engine.run_until_idle(timeout_s=120)
-        engine.open_session("back", prompt(12), 3)
-        engine.run_until_idle(timeout_s=120)
-        gone, back = engine.sessions["gone"], engine.sessions["back"]
-        assert gone.state is back.state is SessionState.AWAITING_CLIENT
+        gone = run_turns(engine, turn("g1", prompt(70), "gone"))["g1"]
+        back = run_turns(engine, turn("b1", prompt(12, seed=1), "back"))["b1"]
+        assert gone and back
         assert engine.close_idle_sessions(3600.0) == []
-        # "back" paused later than "gone": a clock between the two idle times.
-        between = (
-            gone.awaiting_since_s + 3600.0 + (back.awaiting_since_s - gone.awaiting_since_s) / 2
-        )
+        paused = {s: engine.record(s).paused_at_s for s in ("gone", "back")}
+        between = paused["gone"] + 3600.0 + (paused["back"] - paused["gone"]) / 2
         assert engine.close_idle_sessions(3600.0, now=between) == ["gone"]
-        engine.run_until_idle(timeout_s=120)
-        assert gone.state is SessionState.FINISHED
-        assert back.state is SessionState.AWAITING_CLIENT and back.awaiting_since_s is not None
-        engine.continue_session("back", [5, 6], 2)
-        assert back.awaiting_since_s is None
+        assert engine.session_info("gone").phase.value == "finished"
+        assert engine.session_info("back").phase.value == "paused"
+        engine.add_turn(turn("b2", next_context(back, [5, 6]), "back", max_tokens=2))
         assert engine.close_idle_sessions(0.0, now=between + 10_000) == []
         engine.run_until_idle(timeout_s=120)
-        engine.close_session("back")
-        engine.run_until_idle(timeout_s=120)
+        engine.end_session("back")
         assert engine.scheduler.free_blocks() == free_before
