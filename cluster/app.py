@@ -18,6 +18,7 @@ from cluster.config import ServingConfig, load_serving_config
 from cluster.engine_deployment import EngineInstance
 from cluster.global_scheduler import GlobalScheduler
 from cluster.ingress import Ingress, app
+from workers.engine import EngineConfig
 
 INTERNAL_CALLS_LOGGING = {"enable_access_log": False}
 """Serve's access log (one line per call) off for the engines and the global
@@ -26,8 +27,8 @@ scheduler: the load refresh calls them up to ten times a second. Our own log lin
 access log."""
 
 ENGINE_ENV = {"VLLM_CONFIGURE_LOGGING": "0"}
-"""Environment of the engine replicas. vLLM configures logging when it is
-imported, with `logging.config.dictConfig`, which closes every handler
+"""Environment of the engine and ingress replicas (both import vLLM). vLLM
+configures logging when it is imported, with `logging.config.dictConfig`, which closes every handler
 already installed: Ray Serve's replica log handler among them, after which
 the replica's log lost every line (ours, Serve's, vLLM's) silently. Without
 it, vLLM logs through the replica's handlers (`cluster.logs.adopt_into_serve_log`)."""
@@ -49,6 +50,20 @@ def engine_config(config: ServingConfig, pool_name: str) -> dict[str, Any]:
             "policy_params": config.policy.params,
             "predictor": config.policy.predictor,
         },
+    }
+
+
+def frontend_settings(config: ServingConfig) -> dict[str, Any]:
+    """The ingress's `cluster.frontend.FrontendSettings` (every pool serves
+    the same model; the first pool's engine settings give its limits)."""
+    first = engine_config(config, config.resolved_pools()[0].name)
+    defaults = EngineConfig.model_fields
+    return {
+        "model_path": config.model.path,
+        "served_name": config.model.name,
+        "max_model_len": first.get("max_model_len", defaults["max_model_len"].default),
+        "block_size": first.get("block_size", defaults["block_size"].default),
+        "tool_parser": config.model.tool_parser,
     }
 
 
@@ -91,10 +106,10 @@ def build_from_config(config: ServingConfig) -> Application:
         name="ingress",
         num_replicas=config.http.ingress_replicas,
         max_ongoing_requests=1024,
+        ray_actor_options={"runtime_env": {"env_vars": ENGINE_ENV}},
     )
     return ingress.bind(
-        config.model.name,
-        config.model.path,
+        frontend_settings(config),
         engines,
         scheduler,
         store,

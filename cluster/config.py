@@ -31,6 +31,23 @@ class ModelSource(BaseModel):
         None, description="tiny-model recipe YAML to build `path` from when it is missing"
     )
     name: str = Field("tiny", min_length=1, description="model name served at /v1/models")
+    tool_parser: str | None = Field(
+        None,
+        description="vLLM tool parser for tool_choice auto (e.g. hermes, for the models whose "
+        "chat template asks for <tool_call> blocks); None refuses tool_choice auto",
+    )
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from vllm.tool_parsers import ToolParserManager
+
+        known = sorted(ToolParserManager.list_registered())
+        if value not in known:
+            raise ValueError(f"unknown tool_parser {value!r}; known: {', '.join(known)}")
+        return value
 
 
 class EngineSettings(BaseModel):
@@ -44,6 +61,9 @@ class EngineSettings(BaseModel):
     max_num_batched_tokens: int | None = Field(None, ge=32)
     max_num_seqs: int | None = Field(None, ge=1)
     host_swap_tokens: int | None = Field(None, ge=0)
+    prefix_caching: bool | None = Field(
+        None, description="vLLM's automatic prefix caching (default on, as in stock vLLM)"
+    )
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     memory_fraction: float | None = Field(None, gt=0, le=0.95)
 

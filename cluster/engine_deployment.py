@@ -22,19 +22,17 @@ engine, not the traffic, and Ray drops a gauge that stops being set.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from functools import partial
 from typing import Any
 
-from cluster.logs import adopt_into_serve_log, request_id, serve_logger
+from cluster.logs import adopt_into_serve_log, serve_logger
 from cluster.metrics import EngineMetrics
 from cluster.serve_env import freeze_startup_heap
-from workers.async_engine import AsyncMarsEngine, ChunkEnd, TokenDelta
-from workers.engine import AugmentedRequest, EngineConfig, MarsEngine, Segment
-from workers.hints import SegmentHints
+from workers.async_engine import AsyncMarsEngine
+from workers.engine import EngineConfig, SessionInfo
 from workers.tools import ToolCall, ToolRegistry, default_registry
+from workers.turns import TurnEvent, TurnRequest
 
 STARTUP_TIMEOUT_S = 600.0
 METRICS_PERIOD_S = 1.0
@@ -91,99 +89,33 @@ class EngineInstance:
         if not self._engine.alive:
             raise RuntimeError(f"engine {self.instance_id} has stopped")
 
-    async def generate(
-        self,
-        session_id: str,
-        token_ids: list[int],
-        max_tokens: int,
-        hints: dict[str, Any] | None = None,
-        stop_token_ids: list[int] | None = None,
-        close: bool = False,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """One client-driven chunk; streams {"tokens": [...]} then {"end": ...}.
-        With `close`, the session ends with the chunk (a one-turn request).
-
-        The end event's `engine_s` is this replica's own time on the chunk,
-        from the call to its end (queueing in the engine included): what a
-        caller subtracts to see its own overhead, free of the engine's jitter.
-        """
-        started_s = time.monotonic()
-        engine = await self._ready()
-        request = request_id()
-        # Turn start and end are DEBUG here: the ingress logs each turn at INFO.
-        logger.debug(
-            "turn start session=%s request=%s prompt_tokens=%d max_tokens=%d",
-            session_id,
-            request,
-            len(token_ids),
-            max_tokens,
-        )
-        try:
-            async for event in engine.generate(
-                session_id,
-                token_ids,
-                max_tokens,
-                hints=SegmentHints(**(hints or {})),
-                stop_token_ids=stop_token_ids or (),
-                close=close,
-            ):
-                if isinstance(event, TokenDelta):
-                    yield {"tokens": event.token_ids}
-                elif isinstance(event, ChunkEnd):
-                    logger.debug(
-                        "turn end session=%s request=%s finish=%s tokens=%d state=%s",
-                        session_id,
-                        request,
-                        event.finish_reason,
-                        len(event.token_ids),
-                        event.state.value,
-                    )
-                    yield {
-                        "end": event.finish_reason,
-                        "state": event.state.value,
-                        "token_ids": event.token_ids,
-                        "engine_s": time.monotonic() - started_s,
-                    }
-        except Exception:
-            logger.exception("turn failed session=%s request=%s", session_id, request)
-            raise
-
-    async def run_plan(
-        self, session_id: str, prompt_token_ids: list[int], segments: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """A session whose tool calls run here; returns its outputs and latencies."""
+    async def generate(self, turn: TurnRequest) -> AsyncIterator[TurnEvent]:
+        """Run one turn; stream vLLM's outputs (`TurnOutput`), then its
+        `TurnEnd` with what it reused of its session's KV. A caller that
+        leaves aborts the turn (its session's KV is kept)."""
         engine = await self._ready()
         logger.debug(
-            "plan start session=%s request=%s segments=%d", session_id, request_id(), len(segments)
-        )
-        plan = AugmentedRequest(
-            session_id,
-            prompt_token_ids,
-            [
-                Segment(s["generate_tokens"], ToolCall(**s["call"]) if s.get("call") else None)
-                for s in segments
-            ],
+            "turn start session=%s request=%s prompt_tokens=%d",
+            turn.session_id,
+            turn.request_id,
+            len(turn.prompt_token_ids),
         )
         try:
-            session = await engine.run_plan(plan)
+            async for event in engine.generate(turn):
+                yield event
         except Exception:
-            logger.exception("plan failed session=%s request=%s", session_id, request_id())
+            logger.exception("turn failed session=%s request=%s", turn.session_id, turn.request_id)
             raise
-        return {
-            "outputs": session.outputs,
-            "ttft_s": session.ttft_s,
-            "e2e_s": session.e2e_s,
-            "context_tokens": session.context_tokens,
-        }
 
-    async def close(self, session_id: str) -> None:
+    async def end_session(self, session_id: str) -> None:
+        """Release a session's kept KV (its record is the cluster's)."""
         engine = await self._ready()
-        await engine.call(lambda e: e.close_session(session_id))
+        await engine.call(lambda e: e.end_session(session_id))
 
-    async def session_info(self, session_id: str) -> dict[str, Any]:
+    async def session_info(self, session_id: str) -> SessionInfo:
         """The engine's view of a session: phase, KV strategy, timeline, counters."""
         engine = await self._ready()
-        return await engine.call(lambda e: _session_info(e, session_id))
+        return await engine.call(lambda e: e.session_info(session_id))
 
     async def load(self) -> dict[str, Any]:
         """This instance's `InstanceLoad` fields (`MarsScheduler.load_snapshot`)."""
@@ -218,26 +150,6 @@ class EngineInstance:
                 self.instance_id,
                 max_idle_s,
             )
-
-
-def _session_info(engine: MarsEngine, session_id: str) -> dict[str, Any]:
-    session = engine.sessions.get(session_id)
-    if session is None:
-        raise KeyError(f"unknown session_id {session_id!r}")
-    record = engine.record(session_id)
-    return {
-        "state": session.state.value,
-        "phase": record.phase.value,
-        "strategy": record.strategy.value,
-        "context_tokens": session.context_tokens,
-        "segments": len(session.outputs),
-        "recomputed_tokens": record.recomputed_tokens,
-        "swapped_out_tokens": record.swapped_out_tokens,
-        "timeline": [
-            {**asdict(e), "strategy": e.strategy.value if e.strategy else None}
-            for e in record.timeline
-        ],
-    }
 
 
 def _registry(tools: list[dict]) -> ToolRegistry:

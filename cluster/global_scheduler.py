@@ -46,11 +46,18 @@ class GlobalScheduler:
         freeze_startup_heap()
 
     async def place(
-        self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
+        self,
+        session_id: str | None,
+        prompt_tokens: int,
+        affinity_instance: str | None = None,
+        prefix_hashes: tuple[int, ...] = (),
     ) -> dict[str, str]:
-        """The instance for a new session of `prompt_tokens` tokens (the
-        `affinity_instance` first, if the caller knows one and it is healthy)."""
-        decision = await self._view.place(session_id, prompt_tokens, affinity_instance)
+        """The instance for a turn of `prompt_tokens` tokens (`Placer.place`:
+        the session's instance while healthy, else the prompt's prefix, else
+        the policy)."""
+        decision = await self._view.place(
+            session_id, prompt_tokens, affinity_instance, tuple(prefix_hashes)
+        )
         return {"instance_id": decision.instance_id, "reason": decision.reason}
 
     async def loads(self) -> list[dict[str, Any]]:

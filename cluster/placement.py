@@ -32,6 +32,7 @@ from policies import (
     DispatchState,
     InstanceLoad,
     NoInstanceAvailable,
+    PrefixIndex,
     charge_placement,
     make_dispatch_policy,
 )
@@ -39,6 +40,8 @@ from policies import (
 logger = serve_logger(__name__)
 
 FIRST_LOADS_TIMEOUT_S = 30.0
+PLACEMENT_TIMEOUT_S = 10.0
+"""The longest an ingress waits for the global scheduler's placement."""
 LOAD_REFRESH_S = 0.1
 """How often a view's loads are fetched while they move."""
 IDLE_LOAD_REFRESH_S = 1.0
@@ -51,6 +54,7 @@ class Placer:
     def __init__(self, dispatch: dict[str, Any], *, metrics: bool) -> None:
         self._policy = make_dispatch_policy(dispatch["policy"], **dispatch.get("params", {}))
         self._state = DispatchState()
+        self._prefixes = PrefixIndex()
         self._loads: dict[str, InstanceLoad] = {}
         self._metrics = DispatchMetrics(dispatch["policy"]) if metrics else None
 
@@ -64,18 +68,26 @@ class Placer:
         return list(self._loads.values())
 
     def place(
-        self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
+        self,
+        session_id: str | None,
+        prompt_tokens: int,
+        affinity_instance: str | None = None,
+        prefix_hashes: tuple[int, ...] = (),
     ) -> DispatchDecision:
-        """The instance for a new session; raises `NoInstanceAvailable`."""
-        request = DispatchRequest(session_id, prompt_tokens, affinity_instance)
-        try:
-            decision, self._state = self._policy.choose(request, self.loads, self._state)
-        except NoInstanceAvailable as exc:
-            logger.error(
-                "placement failed session=%s request=%s: %s", session_id, request_id(), exc
-            )
-            raise
+        """The instance for a turn; raises `NoInstanceAvailable`.
+
+        A session's turn goes to `affinity_instance` (where its KV is) while
+        that instance is healthy, whatever the policy; a turn without one
+        goes where the longest prefix of its prompt was served (`prefix`,
+        block hashes), if healthy; otherwise the policy decides."""
+        decision = self._sticky(affinity_instance, "affinity")
+        if decision is None and prefix_hashes:
+            instance, _ = self._prefixes.longest(prefix_hashes)
+            decision = self._sticky(instance, "prefix")
+        if decision is None:
+            decision = self._choose(session_id, prompt_tokens, affinity_instance)
         chosen = decision.instance_id
+        self._prefixes.record(prefix_hashes, chosen)
         self._loads[chosen] = charge_placement(self._loads[chosen], prompt_tokens)
         if self._metrics is not None:
             self._metrics.record(chosen, dispatch_reason(affinity_instance, chosen))
@@ -87,6 +99,25 @@ class Placer:
             affinity_instance,
             decision.reason,
         )
+        return decision
+
+    def _sticky(self, instance_id: str | None, reason: str) -> DispatchDecision | None:
+        load = self._loads.get(instance_id) if instance_id is not None else None
+        if load is None or not load.healthy:
+            return None
+        return DispatchDecision(instance_id, reason)
+
+    def _choose(
+        self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None
+    ) -> DispatchDecision:
+        request = DispatchRequest(session_id, prompt_tokens, affinity_instance)
+        try:
+            decision, self._state = self._policy.choose(request, self.loads, self._state)
+        except NoInstanceAvailable as exc:
+            logger.error(
+                "placement failed session=%s request=%s: %s", session_id, request_id(), exc
+            )
+            raise
         return decision
 
 
@@ -136,11 +167,15 @@ class LoadView:
         return self._placer
 
     async def place(
-        self, session_id: str | None, prompt_tokens: int, affinity_instance: str | None = None
+        self,
+        session_id: str | None,
+        prompt_tokens: int,
+        affinity_instance: str | None = None,
+        prefix_hashes: tuple[int, ...] = (),
     ) -> DispatchDecision:
         """`Placer.place` once the loads are in, and a fetch soon after."""
         placer = await self.ready()
-        decision = placer.place(session_id, prompt_tokens, affinity_instance)
+        decision = placer.place(session_id, prompt_tokens, affinity_instance, prefix_hashes)
         self._placed.set()
         return decision
 
@@ -176,8 +211,17 @@ class ViaScheduler:
     def __init__(self, scheduler: Any) -> None:
         self._scheduler = scheduler
 
-    async def place(self, session_id: str | None, prompt_tokens: int) -> DispatchDecision:
-        placed = await self._scheduler.place.remote(session_id, prompt_tokens)
+    async def place(
+        self,
+        session_id: str | None,
+        prompt_tokens: int,
+        affinity_instance: str | None = None,
+        prefix_hashes: tuple[int, ...] = (),
+    ) -> DispatchDecision:
+        call = self._scheduler.place.remote(
+            session_id, prompt_tokens, affinity_instance, prefix_hashes
+        )
+        placed = await asyncio.wait_for(call, timeout=PLACEMENT_TIMEOUT_S)
         return DispatchDecision(placed["instance_id"], placed["reason"])
 
 
@@ -192,8 +236,15 @@ class InIngress:
             Placer(dispatch, metrics=metrics), self._fetch, source="the global scheduler"
         )
 
-    async def place(self, session_id: str | None, prompt_tokens: int) -> DispatchDecision:
-        return await self._view.place(session_id, prompt_tokens)
+    async def place(
+        self,
+        session_id: str | None,
+        prompt_tokens: int,
+        affinity_instance: str | None = None,
+        prefix_hashes: tuple[int, ...] = (),
+    ) -> DispatchDecision:
+        return await self._view.place(session_id, prompt_tokens, affinity_instance, prefix_hashes)
 
     async def _fetch(self) -> list[InstanceLoad]:
-        return [InstanceLoad(**load) for load in await self._scheduler.loads.remote()]
+        loads = await asyncio.wait_for(self._scheduler.loads.remote(), PLACEMENT_TIMEOUT_S)
+        return [InstanceLoad(**load) for load in loads]

@@ -1,100 +1,52 @@
-"""HTTP request bodies: OpenAI's chat and completion requests, plus the
-mars-serve extensions (sessions, tool hints, server-side tool plans).
+"""The mars-serve extensions to OpenAI's request bodies, and the fields we
+refuse.
 
-Unknown OpenAI fields are accepted and ignored, so stock clients work; our
-own `mars` object is strict, and every error names its field.
+The bodies themselves are vLLM's protocol models (`ChatCompletionRequest`,
+`CompletionRequest`): they validate every OpenAI and vLLM field, with
+vLLM's messages. They let unknown fields through; mars-serve answers those
+with a 400 naming them, as it does the vLLM fields this cluster cannot
+honour, instead of ignoring what a client asked for.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-_STRICT = ConfigDict(extra="forbid")
-_OPENAI = ConfigDict(extra="ignore")
-
-
-class ServerToolCall(BaseModel):
-    model_config = _STRICT
-
-    tool: str = Field(min_length=1, description="a tool named in the serving config")
-    arguments: str = ""
-
-
-class PlanSegment(BaseModel):
-    """Generate `generate_tokens`, then (unless last) call a server-side tool."""
-
-    model_config = _STRICT
-
-    generate_tokens: int = Field(ge=1)
-    call: ServerToolCall | None = None
+NOT_HONOURED = {
+    "kv_transfer_params": "KV transfer is the cluster's own (MarsKVConnector)",
+    "ec_transfer_params": "encoder-cache transfer is not served",
+    "prompt_embeds": "prompt embeddings are not served",
+    "mm_payload": "multimodal inputs are not served",
+    "use_beam_search": "beam search is not served",
+    "priority": "requests are ranked by the MARS engine policy, not by priority",
+}
+"""vLLM fields this cluster cannot honour, when set to other than their default."""
 
 
 class MarsExtension(BaseModel):
     """The `mars` field of a request."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid")
 
     expected_api_s: float | None = Field(
         None, ge=0, description="hint: how long the tool call that ends this turn will take"
     )
-    tool: str | None = Field(None, description="hint: which tool ends this turn")
-    tool_call_token_ids: list[int] = Field(
-        default_factory=list, description="tokens that end the turn with finish_reason tool_calls"
-    )
-    plan: list[PlanSegment] | None = Field(
-        None, description="server-side session: segments and tool calls run by the server"
+    tool: str | None = Field(
+        None, min_length=1, description="hint: which tool ends this turn (keys the predictor)"
     )
     close: bool = Field(False, description="end the session after this turn")
 
-    @field_validator("plan")
-    @classmethod
-    def _plan_shape(cls, plan: list[PlanSegment] | None) -> list[PlanSegment] | None:
-        if plan is None:
-            return None
-        if not plan:
-            raise ValueError("plan must hold at least one segment")
-        for i, segment in enumerate(plan[:-1]):
-            if segment.call is None:
-                raise ValueError(f"plan[{i}].call is missing: only the last segment may omit it")
-        return plan
 
-
-class ChatMessage(BaseModel):
-    model_config = _OPENAI
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _Common(BaseModel):
-    model_config = _OPENAI
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
-    stop_token_ids: list[int] = Field(default_factory=list)
-    session_id: str | None = Field(None, min_length=1, max_length=200)
-    mars: MarsExtension = Field(default_factory=MarsExtension)
-
-    @property
-    def token_limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 64
-
-
-class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(_Common):
-    prompt: str = Field(min_length=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _single_prompt(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("prompt"), list):
-            raise ValueError("prompt: only a single string prompt is supported")
-        return data
+def unsupported_fields(body: Any, extra: dict[str, Any], *, chat: bool) -> dict[str, str]:
+    """The fields of `body` we refuse, with why: unknown ones (vLLM lets them
+    through) and vLLM's own that are set but cannot be honoured here."""
+    refused = {name: "not an OpenAI or vLLM field mars-serve knows" for name in extra}
+    for name, why in NOT_HONOURED.items():
+        if name not in type(body).model_fields:
+            continue
+        default = type(body).model_fields[name].get_default(call_default_factory=True)
+        if getattr(body, name) != default:
+            refused[name] = why
+    return refused

@@ -30,6 +30,7 @@ from policies.engine_policy import (
 )
 from policies.memory import memory_over_time, memory_over_time_columns
 from policies.predictors import ApiDurationPredictor, DecodeLengthPredictor, StreamingStat
+from policies.prefix_index import PrefixIndex, block_hashes
 from policies.priced_rows import PricedRows
 from policies.starvation import StarvationConfig, starving
 from policies.types import BatchView, RequestColumns, RequestView, Strategy
@@ -53,6 +54,7 @@ __all__ = [
     "EnginePolicy",
     "InstanceLoad",
     "NoInstanceAvailable",
+    "PrefixIndex",
     "PricedRows",
     "RequestColumns",
     "RequestView",
@@ -61,6 +63,7 @@ __all__ = [
     "StrategyChoice",
     "StrategyChoices",
     "StreamingStat",
+    "block_hashes",
     "charge_placement",
     "check_engine_policy_name",
     "choose_strategies",

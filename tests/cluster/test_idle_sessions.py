@@ -17,9 +17,9 @@ SESSION_TTL_S = 2.0
 
 
 async def _pause_then_watch(app_name: str) -> tuple[str, float]:
-    """Open a session that pauses for its client, then watch it on the engine:
-    its state once it stops awaiting the client, and how long after the
-    pause. Serve is shut down on this loop too: in Serve's throughput mode a
+    """Run a session's turn, then watch the session on the engine: its phase
+    once it stops waiting for its next turn, and how long after the turn.
+    Serve is shut down on this loop too: in Serve's throughput mode a
     handle's router lives on the loop that first used it."""
     from ray import serve
 
@@ -30,18 +30,27 @@ async def _pause_then_watch(app_name: str) -> tuple[str, float]:
 
 
 async def _watch(engine) -> tuple[str, float]:
-    async for event in engine.options(stream=True).generate.remote(
-        "idle-1", [1, 40, 41, 42, 43], 2, {}, [], close=False
-    ):
+    from vllm import SamplingParams
+
+    from workers.turns import SessionAction, TurnEnd, TurnRequest
+
+    turn = TurnRequest(
+        "idle-1-t1",
+        [1, 40, 41, 42, 43],
+        SamplingParams(max_tokens=2, temperature=0.0),
+        "idle-1",
+        SessionAction.KEEP,
+    )
+    async for event in engine.options(stream=True).generate.remote(turn):
         last = event
-    assert "end" in last
+    assert isinstance(last, TurnEnd)
     paused_at = time.monotonic()
-    state = (await engine.session_info.remote("idle-1"))["state"]
-    assert state == "awaiting_client"
-    while state == "awaiting_client" and time.monotonic() < paused_at + 30:
+    phase = (await engine.session_info.remote("idle-1")).phase.value
+    assert phase == "paused"
+    while phase == "paused" and time.monotonic() < paused_at + 30:
         await asyncio.sleep(0.2)
-        state = (await engine.session_info.remote("idle-1"))["state"]
-    return state, time.monotonic() - paused_at
+        phase = (await engine.session_info.remote("idle-1")).phase.value
+    return phase, time.monotonic() - paused_at
 
 
 def test_an_idle_session_is_closed_on_its_engine_after_the_ttl(

@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import pytest
 
+from cluster.session_lifecycle import SessionConflict, SessionEvent, SessionState, next_state
 from cluster.state_store import (
     InMemoryStateStore,
+    MessageMark,
     RedisStateStore,
     SessionRecord,
-    SessionState,
     UnknownSession,
     make_state_store,
-    new_engine_session_id,
 )
 
 
@@ -29,68 +29,98 @@ def store(request):
     return RedisStateStore(url, session_ttl_s=60)
 
 
-def test_session_round_trip(store) -> None:
-    created = store.create_session(SessionRecord("s1", "default-0", tokens=12))
-    assert created.created_s > 0 and created.updated_s == created.created_s
-    assert store.get_session("s1") == created
-    paused = store.update_session(
-        "s1", lambda r: replace(r, state=SessionState.PAUSED, strategy="swap", tokens=40)
-    )
+def _ended(tokens, marks=()):
+    return lambda r: replace(r, token_ids=tuple(tokens), messages=tuple(marks), turns=r.turns + 1)
+
+
+def test_a_session_lives_turn_by_turn(store) -> None:
+    started = store.start_turn(SessionRecord("s1", "default-0", turn_id="t1"))
+    assert started.state is SessionState.GENERATING and started.created_s > 0
+    marks = [MessageMark("d1", 5), MessageMark("d2", 9, generated=True)]
+    paused = store.transition("s1", SessionEvent.TURN_ENDED, "t1", _ended(range(9), marks))
     assert store.get_session("s1") == paused
-    assert (paused.state, paused.strategy, paused.tokens) == (SessionState.PAUSED, "swap", 40)
+    assert (paused.state, paused.tokens, paused.turns) == (SessionState.PAUSED, 9, 1)
+    assert paused.messages == tuple(marks)
+    resumed = store.transition("s1", SessionEvent.TURN_STARTED, "t2")
+    assert resumed.state is SessionState.GENERATING and resumed.turn_id == "t2"
+    failed = store.transition("s1", SessionEvent.TURN_FAILED, "t2")
+    assert failed.state is SessionState.PAUSED and failed.tokens == 9  # kept as before
     store.delete_session("s1")
     with pytest.raises(UnknownSession):
         store.get_session("s1")
 
 
-def test_each_incarnation_of_a_session_id_has_its_own_engine_id(store) -> None:
-    first = new_engine_session_id("s1")
-    store.create_session(SessionRecord("s1", "default-0", first))
-    assert store.get_session("s1").engine_session_id == first
-    store.delete_session("s1")
-    second = new_engine_session_id("s1")
-    store.create_session(SessionRecord("s1", "default-0", second))
-    assert store.get_session("s1").engine_session_id == second != first
-    assert first.startswith("s1@") and second.startswith("s1@")
+def test_a_second_turn_of_a_generating_session_conflicts(store) -> None:
+    store.start_turn(SessionRecord("s1", "default-0", turn_id="t1"))
+    with pytest.raises(SessionConflict, match="is generating; wait for its turn to end"):
+        store.transition("s1", SessionEvent.TURN_STARTED, "t2")
+    with pytest.raises(SessionConflict):  # two first turns: one record
+        store.start_turn(SessionRecord("s1", "default-1", turn_id="t3"))
+    with pytest.raises(SessionConflict, match="does not match its current turn"):
+        store.transition("s1", SessionEvent.TURN_ENDED, "t2")  # not the current turn
+    store.transition("s1", SessionEvent.TURN_ENDED, "t1")
+    with pytest.raises(SessionConflict):  # ended twice
+        store.transition("s1", SessionEvent.TURN_ENDED, "t1")
 
 
-def test_a_record_without_an_engine_id_uses_the_session_id() -> None:
-    """Records written before `engine_session_id` existed still resolve."""
-    old = (
-        '{"session_id": "s1", "instance_id": "default-0", "state": "paused", '
-        '"strategy": null, "tokens": 5, "created_s": 1.0, "updated_s": 2.0}'
-    )
-    record = SessionRecord.from_json(old)
-    assert record.engine_session_id == "s1" and record.tokens == 5
-    assert SessionRecord.from_json(record.to_json()) == record
-
-
-def test_errors(store) -> None:
-    store.create_session(SessionRecord("s1", "default-0"))
-    with pytest.raises(ValueError, match="already exists"):
-        store.create_session(SessionRecord("s1", "default-1"))
+def test_unknown_sessions(store) -> None:
     for call in (
         lambda: store.get_session("ghost"),
-        lambda: store.update_session("ghost", lambda r: r),
+        lambda: store.transition("ghost", SessionEvent.TURN_STARTED, "t"),
         lambda: store.delete_session("ghost"),
     ):
         with pytest.raises(UnknownSession):
             call()
 
 
-def test_concurrent_updates_are_atomic(store) -> None:
-    store.create_session(SessionRecord("c", "default-0"))
+def test_concurrent_turn_starts_let_exactly_one_in(store) -> None:
+    store.start_turn(SessionRecord("c", "default-0", turn_id="t0"))
+    store.transition("c", SessionEvent.TURN_ENDED, "t0")
+    won, lost = [], []
 
-    def add_tokens() -> None:
-        for _ in range(50):
-            store.update_session("c", lambda r: replace(r, tokens=r.tokens + 1))
+    def start(i: int) -> None:
+        try:
+            store.transition("c", SessionEvent.TURN_STARTED, f"t{i}")
+            won.append(i)
+        except SessionConflict:
+            lost.append(i)
 
-    threads = [threading.Thread(target=add_tokens) for _ in range(4)]
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(1, 9)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert store.get_session("c").tokens == 200
+    assert len(won) == 1 and len(lost) == 7
+    assert store.get_session("c").turn_id == f"t{won[0]}"
+
+
+def test_the_transition_table() -> None:
+    assert next_state("s", None, SessionEvent.TURN_STARTED) is SessionState.GENERATING
+    assert (
+        next_state("s", SessionState.PAUSED, SessionEvent.TURN_STARTED) is SessionState.GENERATING
+    )
+    for event in (SessionEvent.TURN_ENDED, SessionEvent.TURN_FAILED):
+        assert next_state("s", SessionState.GENERATING, event) is SessionState.PAUSED
+        with pytest.raises(SessionConflict):
+            next_state("s", SessionState.PAUSED, event)
+        with pytest.raises(SessionConflict):
+            next_state("s", None, event)
+
+
+def test_record_round_trips_through_json() -> None:
+    record = SessionRecord(
+        "s1",
+        "default-0",
+        SessionState.PAUSED,
+        "t1",
+        (1, 2, 3),
+        (MessageMark("a", 2), MessageMark("b", 3, True)),
+        1,
+        {"cached_tokens": 2},
+        1.0,
+        2.0,
+    )
+    assert SessionRecord.from_json(record.to_json()) == record
 
 
 def test_instance_registry(store) -> None:
@@ -102,9 +132,9 @@ def test_instance_registry(store) -> None:
 def test_idle_sessions_expire() -> None:
     now = [1000.0]
     store = InMemoryStateStore(session_ttl_s=10, clock=lambda: now[0])
-    store.create_session(SessionRecord("old", "default-0"))
+    store.start_turn(SessionRecord("old", "default-0", turn_id="t"))
     now[0] += 5
-    store.update_session("old", lambda r: r)  # activity refreshes the TTL
+    store.transition("old", SessionEvent.TURN_ENDED, "t")  # activity refreshes the TTL
     now[0] += 9
     assert store.get_session("old").session_id == "old"
     now[0] += 11
@@ -116,11 +146,12 @@ def test_redis_ttl_is_set_and_survives_a_new_client(redis_url) -> None:
     import redis
 
     first = RedisStateStore(redis_url, session_ttl_s=30)
-    first.create_session(SessionRecord("kept", "default-1", tokens=7))
+    first.start_turn(SessionRecord("kept", "default-1", turn_id="t"))
+    first.transition("kept", SessionEvent.TURN_ENDED, "t", _ended(range(7)))
     ttl_ms = redis.Redis.from_url(redis_url).pttl("mars:session:kept")
     assert 0 < ttl_ms <= 30_000
     restarted = make_state_store(redis_url, 30)  # e.g. the ingress after a restart
-    assert restarted.get_session("kept").tokens == 7
+    assert restarted.get_session("kept").token_ids == tuple(range(7))
 
 
 def test_unreachable_redis_fails_at_start() -> None:
