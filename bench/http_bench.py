@@ -96,7 +96,7 @@ and round_robin ignore affinity and would send a session's later turns to an
 instance that does not hold it."""
 
 DEFAULT_CONFIGS = ("mars_aware:mars", "least_load:mars", "round_robin:mars", "round_robin:vllm")
-DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve" / "local-cpu.yaml"
+DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve" / "local-cpu-tiny.yaml"
 TOOL_HINT = "infercept_api"
 """`mars.tool` of every API call (the traces do not name their APIs)."""
 OVERHEAD_GOAL_MS = 10.0
@@ -171,23 +171,28 @@ def filler_text(tokens: int, salt: str, words: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Turn:
-    """One HTTP request of a session: send `text` (`tokens` tokens), generate
-    up to `max_tokens`; then, unless `api_s` is None, the client runs the API
-    call for `api_s` seconds before the next turn."""
+    """One HTTP request of a session: append `text` (`tokens` tokens, whose
+    ids are `token_ids`; the first turn's start with the model's start
+    token) to the context, generate up to `max_tokens`; then, unless
+    `api_s` is None, the client runs the API call for `api_s` seconds
+    before the next turn."""
 
     text: str
     tokens: int
     max_tokens: int
     api_s: float | None
+    token_ids: tuple[int, ...] = ()
 
 
 def session_turns(
     request: TraceRequest,
     salt: str,
     words: Sequence[str],
-    count_tokens: Callable[[str], int],
+    encode: Callable[[str], list[int]],
+    start_ids: Sequence[int] = (),
 ) -> list[Turn]:
-    """The turns of one trace request: its prompt, then each API result.
+    """The turns of one trace request: its prompt (after `start_ids`, the
+    model's start token), then each API result.
 
     Raises ValueError if a text does not encode to its token count (the
     words were not single tokens after all)."""
@@ -195,13 +200,15 @@ def session_turns(
     turns = []
     for k, (tokens, segment) in enumerate(zip(sends, request.segments, strict=True)):
         text = filler_text(tokens, f"{salt}:{k}", words)
-        counted = count_tokens(text)
-        if counted != tokens:
+        ids = encode(text)
+        if len(ids) != tokens:
             raise ValueError(
                 f"request {request.request_id!r} turn {k}: text for {tokens} tokens "
-                f"encodes to {counted}"
+                f"encodes to {len(ids)}"
             )
-        turns.append(Turn(text, tokens, segment.completion_tokens, segment.api_time_s))
+        start = tuple(start_ids) if k == 0 else ()
+        turn = Turn(text, tokens, segment.completion_tokens, segment.api_time_s, (*start, *ids))
+        turns.append(turn)
     return turns
 
 
@@ -303,19 +310,25 @@ def _error_message(body: str) -> str:
     return body[:200]
 
 
-async def _turn(http: Any, url: str, model: str, session_id: str, turn: Turn) -> tuple[float, str]:
-    """Send one turn, streamed; return (monotonic time of the first chunk,
-    finish reason)."""
+async def _turn(
+    http: Any, url: str, model: str, session_id: str, turn: Turn, context: list[int]
+) -> tuple[float, str, list[int]]:
+    """Send one turn, streamed, as an OpenAI client sends it: the whole
+    context so far as token ids (`context`, to which the turn's text was
+    appended), with the session id. Return (monotonic time of the first
+    chunk, finish reason, the generated token ids)."""
     body: dict[str, Any] = {
         "model": model,
-        "prompt": turn.text,
+        "prompt": context,
         "max_tokens": turn.max_tokens,
         "stream": True,
+        "return_token_ids": True,
     }
     if turn.api_s is not None:
         body["mars"] = {"tool": TOOL_HINT, "expected_api_s": turn.api_s}
     first = None
     finish = None
+    generated: list[int] = []
     async with http.post(
         f"{url}/v1/completions", json=body, headers={"X-Session-Id": session_id}
     ) as response:
@@ -323,18 +336,19 @@ async def _turn(http: Any, url: str, model: str, session_id: str, turn: Turn) ->
             raise TurnError(f"HTTP {response.status}: {_error_message(await response.text())}")
         async for line in response.content:
             payload = parse_sse_line(line)
-            if payload is None:
+            if payload is None or (not payload.get("choices") and "error" not in payload):
                 continue
             if first is None:
                 first = time.monotonic()
             if "error" in payload:
                 raise TurnError(f"stream error: {payload['error'].get('message')}")
-            reason = payload["choices"][0].get("finish_reason")
-            if reason is not None:
-                finish = reason
+            choice = payload["choices"][0]
+            generated.extend(choice.get("token_ids") or ())
+            if choice.get("finish_reason") is not None:
+                finish = choice["finish_reason"]
     if first is None or finish is None:
         raise TurnError("the stream ended without a finish_reason")
-    return first, finish
+    return first, finish, generated
 
 
 @dataclass
@@ -377,10 +391,13 @@ async def run_session(
     outcome.status = "running"
     outcome.submit_lag_s = time.monotonic() - arrival
     k = 0
+    context: list[int] = []
     try:
         for k, turn in enumerate(turns):
+            context.extend(turn.token_ids)
             sent = time.monotonic()
-            first, reason = await _turn(http, url, model, session_id, turn)
+            first, reason, generated = await _turn(http, url, model, session_id, turn, context)
+            context.extend(generated)
             if k == 0:
                 outcome.ttft_s = first - arrival
             else:
@@ -758,7 +775,14 @@ def build_trace_workload(
         max_total_tokens=limit,
         seed=args.seed,
     )
-    plans = [session_turns(r, f"{args.seed}:{i}", words, count) for i, r in enumerate(requests)]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    plans = [
+        session_turns(r, f"{args.seed}:{i}", words, encode, start) for i, r in enumerate(requests)
+    ]
     longest = max(r.total_tokens for r in requests) + 1
     max_model_len = min(
         MODEL_MAX_POSITIONS, math.ceil((longest + BLOCK_SIZE) / BLOCK_SIZE) * BLOCK_SIZE
@@ -842,6 +866,9 @@ async def measure_overhead(
     import redis
     from ray import serve
     from tqdm import tqdm
+    from vllm import SamplingParams
+
+    from workers.turns import TurnRequest
 
     scheduler = serve.get_deployment_handle("global-scheduler", app_name=app_name)
     engines: dict[str, Any] = {}
@@ -875,12 +902,11 @@ async def measure_overhead(
                 f"engine-{instance_id}", app_name=app_name
             )
         engine = engines[instance_id]
+        turn = TurnRequest(session_id, token_ids, SamplingParams(max_tokens=1))
         start = time.perf_counter()
-        async for event in engine.options(stream=True).generate.remote(
-            session_id, token_ids, 1, {}, [], close=True
-        ):
+        async for event in engine.options(stream=True).generate.remote(turn):
             end = event
-        return time.perf_counter() - start, end["engine_s"]
+        return time.perf_counter() - start, end.engine_s
 
     async def health(http: Any) -> None:
         async with http.get(f"{url}/health") as response:

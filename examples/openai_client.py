@@ -1,9 +1,11 @@
-"""Talk to a running mars-serve endpoint with the `openai` client.
+"""Talk to a running mars-serve endpoint with the stock `openai` client.
 
-A plain chat completion, then an augmented session: the first turn stops at
-a tool call, the client runs the tool and sends only its result, and the
-session resumes on the instance that holds its KV. Prints what each step
-returned and where the session lives.
+A plain chat completion, then an agent's tool round trip as agent frameworks
+make it: the client asks a question with a calculator tool, receives
+`tool_calls`, runs the tool, and sends the whole conversation back with the
+tool's result; the model answers with it. The session (`X-Session-Id`) keeps
+the conversation's KV on one instance between the turns: the second turn
+resumes there under the strategy MARS chose, and reuses what it kept.
 
     python examples/openai_client.py --base-url http://127.0.0.1:8000/v1
 """
@@ -11,51 +13,117 @@ returned and where the session lives.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import operator
 import sys
-import urllib.request
 import uuid
 
 import openai
+
+CALCULATOR = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression such as 1234 * 5678.",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+    },
+}
+_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+}
+
+
+def calculate(expression: str) -> str:
+    """The client's tool: arithmetic only (no `eval`)."""
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.operand))
+        raise ValueError(f"not arithmetic: {ast.dump(node)}")
+
+    try:
+        result = value(ast.parse(expression, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError) as exc:
+        return f"error: {exc}"
+    return str(int(result)) if float(result).is_integer() else str(result)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default=None, help="default: the server's only model")
     args = parser.parse_args(argv)
-    client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=2)
+    model = args.model or client.models.list().data[0].id
 
+    question = [{"role": "user", "content": "What is the capital of France?"}]
     reply = client.chat.completions.create(
-        model=args.model, messages=[{"role": "user", "content": "hello there"}], max_tokens=16
+        model=model, messages=question, max_tokens=32, temperature=0
     )
     print(f"chat completion: {reply.choices[0].message.content!r}")
     print(f"  finish_reason {reply.choices[0].finish_reason}, usage {reply.usage}")
 
-    session = f"example-{uuid.uuid4().hex[:8]}"  # ids of ended sessions stay taken a while
+    session = {"X-Session-Id": f"example-{uuid.uuid4().hex[:8]}"}
+    history = [{"role": "user", "content": "What is 1234 * 5678? Use the calculator."}]
     first = client.chat.completions.create(
-        model=args.model,
-        messages=[{"role": "user", "content": "what is 12 * 7? use the calculator"}],
-        max_tokens=12,
-        extra_headers={"X-Session-Id": session},
-        extra_body={"mars": {"tool": "calculator", "expected_api_s": 0.5}},
+        model=model,
+        messages=history,
+        tools=[CALCULATOR],
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
+        extra_headers=session,
+        extra_body={"mars": {"tool": "calculator", "expected_api_s": 0.1}},
     )
-    print(f"session turn 1: {first.choices[0].message.content!r} (the client now runs its tool)")
+    message = first.choices[0].message
+    if not message.tool_calls:
+        print(f"the model made no tool call: {message.content!r}", file=sys.stderr)
+        return 1
+    call = message.tool_calls[0]
+    expression = json.loads(call.function.arguments).get("expression", "")
+    result = calculate(expression)
+    print(f"turn 1: finish_reason {first.choices[0].finish_reason}, tool call {call.function}")
+    print(f"  the client runs calculator({expression!r}) = {result}")
+
+    history += [message.model_dump(exclude_none=True)]
+    history += [{"role": "tool", "tool_call_id": call.id, "content": result}]
     second = client.chat.completions.create(
-        model=args.model,
-        messages=[{"role": "tool", "content": "84", "tool_call_id": "call-1"}],
-        max_tokens=12,
-        extra_headers={"X-Session-Id": session},
+        model=model,
+        messages=history,
+        tools=[CALCULATOR],
+        max_tokens=48,
+        temperature=0,
+        extra_headers=session,
     )
-    print(f"session turn 2: {second.choices[0].message.content!r}")
-    base = args.base_url.removesuffix("/v1")
-    with urllib.request.urlopen(f"{base}/v1/sessions/{session}", timeout=30) as response:
-        info = json.loads(response.read())
+    mars = second.model_extra["mars"]
+    print(f"turn 2: {second.choices[0].message.content!r}")
+    print(
+        f"  resumed on {mars['instance_id']} ({mars['placed']}), KV {mars['kv']['resumed_from']}:"
+        f" {second.usage.prompt_tokens_details.cached_tokens} of {second.usage.prompt_tokens}"
+        f" prompt tokens reused, {mars['history']['matched_messages']} messages matched"
+    )
+    info = client.get(f"/sessions/{session['X-Session-Id']}", cast_to=object)
     print(
         f"  session on {info['instance_id']}: {info['tokens']} tokens, state {info['state']}, "
         f"KV strategy {info['strategy']}"
     )
-    client.delete(f"/sessions/{session}", cast_to=object)
+    client.delete(f"/sessions/{session['X-Session-Id']}", cast_to=object)
     print("  session deleted")
     return 0
 

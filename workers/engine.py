@@ -19,6 +19,7 @@ import collections
 import enum
 import heapq
 import itertools
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ from workers.turns import (
     TurnRequest,
     mars_extra_args,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class EngineConfig(BaseModel):
@@ -209,16 +212,25 @@ class MarsEngine:
     # --------------------------------------------------------------- turns
     def add_turn(self, turn: TurnRequest) -> None:
         """Start one turn; its events come out of `step`. Raises ValueError
-        (naming the field) on a turn vLLM or the session cannot take."""
+        (naming the field) on a turn vLLM or the session cannot take.
+
+        A turn of a session whose previous turn still runs here supersedes
+        it: the cluster's record lets one turn of a session start at a time,
+        so the previous one's caller has gone (its abort may still be on its
+        way) and the session's KV goes on from the new turn."""
         from vllm.inputs import TokensPrompt
 
         if turn.request_id in self._live:
             raise ValueError(f"request_id {turn.request_id!r} is already running")
-        if turn.session_id is not None and turn.session_id in self._live_sessions:
-            raise ValueError(
-                f"session {turn.session_id!r} already has a turn running "
-                f"({self._live_sessions[turn.session_id]!r})"
+        previous = self._live_sessions.get(turn.session_id) if turn.session_id else None
+        if previous is not None:
+            logger.warning(
+                "session=%s: turn %s supersedes turn %s, still running",
+                turn.session_id,
+                turn.request_id,
+                previous,
             )
+            self.abort_turn(previous)
         params = turn.sampling.clone()
         params.extra_args = {**(params.extra_args or {}), **mars_extra_args(turn)}
         engine_id = self._llm.add_request(

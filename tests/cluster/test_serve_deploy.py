@@ -51,9 +51,9 @@ def _wait_ready(deadline: float) -> dict:
 
 
 @pytest.fixture()
-def ray_head(tiny_model_dir: Path):
-    if not (REPO_ROOT / "models" / "tiny" / "config.json").exists():
-        pytest.fail("the example config serves models/tiny: build it with `make model`")
+def ray_head(smollm2_model_dir: Path):
+    if smollm2_model_dir.resolve() != (REPO_ROOT / "models" / "smollm2").resolve():
+        pytest.fail("the example config serves models/smollm2: build it with `make model-smollm2`")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # what Ray 2.60's local heads use
     dashboard_port = free_port()
     started = _ray_cli(
@@ -96,7 +96,9 @@ def test_serve_deploy_of_the_example_yaml_serves_openai_clients(ray_head) -> Non
 
     client = openai.OpenAI(base_url=f"{ENDPOINT}/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
     )
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens >= 1

@@ -86,8 +86,13 @@ REQUEST = TraceRequest(
 )
 
 
+def _encode(text: str) -> list[int]:
+    """Ids for the whitespace stand-in: one per word."""
+    return [len(word) for word in text.split()]
+
+
 def test_session_turns_send_the_prompt_then_each_api_result() -> None:
-    turns = session_turns(REQUEST, "0:0", WORDS, _count)
+    turns = session_turns(REQUEST, "0:0", WORDS, _encode, start_ids=[1])
     assert [(t.tokens, t.max_tokens, t.api_s) for t in turns] == [
         (12, 5, 0.5),
         (3, 7, 0.0),
@@ -95,11 +100,13 @@ def test_session_turns_send_the_prompt_then_each_api_result() -> None:
     ]
     assert [_count(t.text) for t in turns] == [12, 3, 2]
     assert len({t.text for t in turns}) == 3
+    # The ids a client appends to its context: the start token only once.
+    assert [len(t.token_ids) for t in turns] == [13, 3, 2] and turns[0].token_ids[0] == 1
 
 
 def test_session_turns_reject_text_of_the_wrong_length() -> None:
     with pytest.raises(ValueError, match="turn 0: text for 12 tokens encodes to 13"):
-        session_turns(REQUEST, "0:0", WORDS, lambda text: _count(text) + 1)
+        session_turns(REQUEST, "0:0", WORDS, lambda text: [*_encode(text), 0])
 
 
 def test_parse_config_names_the_bad_part() -> None:
