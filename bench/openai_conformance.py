@@ -164,7 +164,9 @@ def stock_vllm(model: Path, log: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mars_serve(model: Path, workdir: Path) -> Iterator[str]:
+def mars_serve(
+    model: Path, workdir: Path, served: str = SERVED, tool_parser: str | None = "hermes"
+) -> Iterator[str]:
     """mars-serve on `model`: two engine instances, Redis, one ingress."""
     import ray
     from ray import serve
@@ -180,7 +182,7 @@ def mars_serve(model: Path, workdir: Path) -> Iterator[str]:
         config = workdir / "mars.yaml"
         config.write_text(
             f"""
-model: {{path: {model.resolve()}, name: {SERVED}, tool_parser: hermes}}
+model: {{path: {model.resolve()}, name: {served}, tool_parser: {tool_parser or "null"}}}
 engine: {{num_kv_blocks: {KV_BLOCKS}, max_model_len: {MAX_MODEL_LEN}, dtype: bfloat16}}
 policy: {{name: mars}}
 instances: 2

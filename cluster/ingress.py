@@ -314,6 +314,9 @@ class Ingress:
         try:
             async for chunk in chunks:
                 if chunk.startswith("data: [DONE]"):
+                    if settled:
+                        yield chunk
+                        continue
                     settled = True
                     if turn.end is not None and turn.failure is None:
                         await self._commit(turn, message.message() if turn.chat else None)
@@ -323,6 +326,11 @@ class Ingress:
                         await self._roll_back(turn)
                     yield chunk
                     continue
+                if turn.failure is not None and not settled:
+                    # vLLM's in-band error event: the record goes back before
+                    # the client, who may retry at once, hears of it.
+                    settled = True
+                    await self._roll_back(turn)
                 message.feed(chunk)
                 yield chunk
         finally:
