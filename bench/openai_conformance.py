@@ -178,6 +178,7 @@ def mars_serve(
 
     os.environ.update(serve_env())
     port = free_port()
+    (workdir / "redis").mkdir(exist_ok=True)
     with local_redis_server(workdir / "redis") as redis_url:
         config = workdir / "mars.yaml"
         config.write_text(
