@@ -73,12 +73,17 @@ app.state.args = SimpleNamespace(log_error_stack=False)
 app.exception_handler(RequestValidationError)(validation_exception_handler)
 
 
-@app.exception_handler(VLLMError)
-async def _vllm_error(_: Request, exc: VLLMError) -> JSONResponse:
-    """vLLM's errors in vLLM's shape and status (`vllm serve` also shuts
-    itself down on a dead engine; a cluster's engines die alone)."""
+async def _vllm_error(_: Request, exc: Exception) -> JSONResponse:
+    """vLLM's errors, and the ValueError/TypeError/OverflowError its serving
+    code raises on a request it cannot take, in vLLM's shape and status, as
+    `vllm serve` answers them (400 for those; `vllm serve` also shuts itself
+    down on a dead engine: a cluster's engines die alone)."""
     error = create_error_response(exc)
     return JSONResponse(error.model_dump(), status_code=error.error.code)
+
+
+for _kind in (VLLMError, ValueError, TypeError, OverflowError):
+    app.exception_handler(_kind)(_vllm_error)
 
 
 class ApiError(Exception):

@@ -147,10 +147,9 @@ def push_dashboards(
         from grafana_client.client import (
             GrafanaClientError,
             GrafanaException,
-            GrafanaTimeoutError,
             GrafanaUnauthorizedError,
         )
-        from niquests.exceptions import RequestException  # grafana-client's HTTP library
+        from requests.exceptions import RequestException  # grafana-client's HTTP library
     except ImportError as exc:
         raise DashboardError(
             "`dashboards push` needs grafana-client: pip install 'mars-serve[ops]'"
@@ -172,7 +171,7 @@ def push_dashboards(
         else:
             hint = "see Grafana's message"
         raise DashboardError(f"Grafana at {url} answered {exc.message}: {hint}") from exc
-    except (GrafanaTimeoutError, RequestException) as exc:
+    except RequestException as exc:  # refused, unreachable, timed out
         raise DashboardError(f"cannot reach Grafana at {url}: {_root_cause(exc)}") from exc
     except GrafanaException as exc:  # 5xx, and HTTP errors grafana-client wraps
         raise DashboardError(f"Grafana at {url} failed the request: {exc.message}") from exc
