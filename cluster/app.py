@@ -89,7 +89,6 @@ def build_from_config(config: ServingConfig) -> Application:
             engines[instance_id] = deployment.bind(
                 instance_id,
                 engine_config(config, pool.name),
-                tools,
                 metrics=config.metrics,
                 session_ttl_s=config.state_store.session_ttl_s,
             )
@@ -110,6 +109,7 @@ def build_from_config(config: ServingConfig) -> Application:
     )
     return ingress.bind(
         frontend_settings(config),
+        tools,
         engines,
         scheduler,
         store,

@@ -31,7 +31,6 @@ from cluster.metrics import EngineMetrics
 from cluster.serve_env import freeze_startup_heap
 from workers.async_engine import AsyncMarsEngine
 from workers.engine import EngineConfig, SessionInfo
-from workers.tools import ToolCall, ToolRegistry, default_registry
 from workers.turns import TurnEvent, TurnRequest
 
 STARTUP_TIMEOUT_S = 600.0
@@ -54,7 +53,6 @@ class EngineInstance:
         self,
         instance_id: str,
         engine_config: dict[str, Any],
-        tools: list[dict],
         *,
         metrics: bool,
         session_ttl_s: float,
@@ -63,8 +61,7 @@ class EngineInstance:
         # The engine thread's errors, and vLLM's own lines, in this replica's log.
         for package in ("workers", "vllm"):
             adopt_into_serve_log(package)
-        self._tools = _registry(tools)
-        self._engine = AsyncMarsEngine(EngineConfig.model_validate(engine_config), self._tools)
+        self._engine = AsyncMarsEngine(EngineConfig.model_validate(engine_config))
         # The replica counts as started only once its engine has: Ray Serve
         # then routes nothing to it before, and `serve run` waits for it.
         self._engine.wait_started(timeout_s=STARTUP_TIMEOUT_S)
@@ -150,18 +147,3 @@ class EngineInstance:
                 self.instance_id,
                 max_idle_s,
             )
-
-
-def _registry(tools: list[dict]) -> ToolRegistry:
-    """The built-in tools plus the config's emulated ones (fixed duration and size)."""
-    registry = default_registry()
-    for tool in tools:
-        if tool["kind"] == "emulated":
-            duration, size = tool["duration_s"], tool["return_tokens"]
-            base = registry.run
-
-            def emulated(call: ToolCall, duration=duration, size=size, base=base):
-                return base(ToolCall("emulated", duration_s=duration, return_tokens=size))
-
-            registry.register(tool["name"], emulated)
-    return registry

@@ -21,6 +21,7 @@ it reused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -57,11 +58,14 @@ from cluster.session_lifecycle import SessionConflict, SessionEvent
 from cluster.state_store import SessionRecord, UnknownSession, make_state_store
 from cluster.turn import Turn
 from workers.hints import SegmentHints
+from workers.tools import ToolCall, registry_for
 
 logger = serve_logger(__name__)
 
 ENGINE_CALL_TIMEOUT_S = 10.0
 """Timeout of the ingress's unary calls to an engine (session info, end)."""
+SERVER_TOOL_ROUNDS = 8
+"""The most rounds of server-side tool calls one response runs."""
 RETRY_AFTER_S = 2
 """`Retry-After` of a 503: Serve restarts a dead replica within seconds,
 and placement moves a session off an instance that stays down."""
@@ -135,6 +139,7 @@ class Ingress:
     def __init__(
         self,
         frontend: dict[str, Any],
+        tools: list[dict[str, Any]],
         engines: dict[str, Any],
         scheduler: Any,
         state_store: dict[str, Any],
@@ -146,6 +151,11 @@ class Ingress:
     ) -> None:
         settings = FrontendSettings(**frontend)
         self._frontend = build_frontend(settings)
+        self._tools = registry_for(tools)
+        self._server_tools = frozenset(tool["name"] for tool in tools)
+        """The tools the serving config names: the server runs these itself."""
+        self._next_choice = "auto" if settings.tool_parser else "none"
+        """The tool choice after a server-side call: `auto` needs a tool parser."""
         self._engines = engines
         self._scheduler = scheduler
         # A lone replica is the application's only decider: it places turns
@@ -237,6 +247,18 @@ class Ingress:
     async def _serve(self, body: Any, raw: Request, *, chat: bool):
         mars = _mars_extension(body, chat=chat)
         session_id = _session_id(raw, body)
+        if chat and self._server_tools_offered(body):
+            return await self._serve_with_server_tools(await raw.json(), body, session_id, mars)
+        turn, result = await self._run_turn(body, session_id, mars, chat=chat)
+        if isinstance(result, AsyncIterator):
+            return StreamingResponse(self._relay(turn, result), media_type="text/event-stream")
+        return await self._respond(turn, result)
+
+    async def _run_turn(
+        self, body: Any, session_id: str | None, mars: MarsExtension, *, chat: bool
+    ) -> tuple[Turn, Any]:
+        """One turn through vLLM's serving layer: (the turn, vLLM's result:
+        a response, an error response, or a stream to relay)."""
         turn = await self._begin(body, session_id, mars, chat=chat)
         serving = self._frontend.chat if chat else self._frontend.completion
         body.request_id = turn.key
@@ -255,10 +277,97 @@ class Ingress:
             self._frontend.turns.remove(turn.key)
             await self._roll_back(turn)
             raise
-        if isinstance(result, AsyncIterator):
-            return StreamingResponse(self._relay(turn, result), media_type="text/event-stream")
-        self._frontend.turns.remove(turn.key)
-        return await self._respond(turn, result)
+        if not isinstance(result, AsyncIterator):
+            self._frontend.turns.remove(turn.key)
+        return turn, result
+
+    # ------------------------------------------------------- server tools
+    def _server_tools_offered(self, body: Any) -> bool:
+        names = {tool.function.name for tool in body.tools or () if tool.type == "function"}
+        return bool(names & self._server_tools)
+
+    async def _serve_with_server_tools(
+        self, data: dict[str, Any], body: Any, session_id: str | None, mars: MarsExtension
+    ) -> Response:
+        """Turns until the model answers without calling a server-side tool:
+        each server-side call is run here (the session's KV parked on its
+        engine meanwhile, under MARS), its result appended, and generation
+        goes on, all in this one response. A request without a session runs
+        in a session of its own for the time of the call. The response is
+        the last turn's, with the calls under `mars.server_tool_calls`."""
+        if body.stream:
+            raise ApiError(
+                400,
+                "stream: server-side tools answer non-streamed requests (streaming them is "
+                "not built yet)",
+                kind="invalid_request_error",
+                param="stream",
+            )
+        own = session_id is None
+        session_id = session_id or f"mars-tools-{uuid.uuid4().hex}"
+        calls: list[dict[str, Any]] = []
+        turn: Turn | None = None
+        try:
+            for _ in range(SERVER_TOOL_ROUNDS + 1):
+                turn, result = await self._run_turn(body, session_id, mars, chat=True)
+                reply = await self._settle(turn, result)
+                if isinstance(reply, Response):
+                    return reply
+                message = reply["choices"][0]["message"]
+                requested = message.get("tool_calls") or []
+                names = self._server_tools
+                if not requested or any(c["function"]["name"] not in names for c in requested):
+                    break  # an answer, or a call the client runs
+                if len(calls) >= SERVER_TOOL_ROUNDS * len(requested):
+                    break
+                results = [await self._call_tool(call) for call in requested]
+                calls += results
+                data = _with_tool_results(data, message, requested, results, self._next_choice)
+                body = type(body).model_validate(data)
+        finally:
+            if own:
+                await self._end_own_session(session_id, turn)
+        reply["mars"]["server_tool_calls"] = calls
+        if own:
+            reply.pop("session_id", None)
+            for key in ("session_id", "session_state", "history"):
+                reply["mars"].pop(key, None)
+        return JSONResponse(reply)
+
+    async def _call_tool(self, call: dict[str, Any]) -> dict[str, Any]:
+        """Run one server-side tool call (a calculator's expression is its
+        `expression` argument); its duration is waited here."""
+        function = call["function"]
+        arguments = function.get("arguments") or ""
+        with contextlib.suppress(ValueError, TypeError):
+            parsed = json.loads(arguments)
+            if isinstance(parsed, dict) and len(parsed) == 1:
+                (arguments,) = (str(v) for v in parsed.values())
+        started = time.monotonic()
+        result = self._tools.run(ToolCall(function["name"], arguments=arguments))
+        await asyncio.sleep(result.duration_s)
+        text = result.text
+        if text is None:
+            text = self._frontend.tokenizer.decode(result.token_ids or [])
+        logger.info(
+            "server tool call name=%s duration_s=%.3f result_chars=%d",
+            function["name"],
+            time.monotonic() - started,
+            len(text),
+        )
+        return {
+            "id": call.get("id"),
+            "name": function["name"],
+            "arguments": function.get("arguments"),
+            "result": text,
+            "duration_s": round(time.monotonic() - started, 4),
+        }
+
+    async def _end_own_session(self, session_id: str, turn: Turn | None) -> None:
+        with contextlib.suppress(UnknownSession):
+            await asyncio.to_thread(self._store.delete_session, session_id)
+        if turn is not None and turn.instance_id is not None:
+            self._end_on_engine(turn.instance_id, session_id)
 
     async def _begin(
         self, body: Any, session_id: str | None, mars: MarsExtension, *, chat: bool
@@ -293,6 +402,17 @@ class Ingress:
         """A non-streamed response: an error (the record rolled back), or the
         completion (the record committed first: the session's next turn
         must find it)."""
+        reply = await self._settle(turn, result)
+        if isinstance(reply, Response):
+            return reply
+        response = JSONResponse(reply)
+        response.headers["Server-Timing"] = _server_timing(turn)
+        response.background = BackgroundTask(self._record_metrics, turn)
+        return response
+
+    async def _settle(self, turn: Turn, result: Any) -> dict[str, Any] | Response:
+        """The turn's reply with our fields, its record committed; or vLLM's
+        error response, its record rolled back."""
         if not hasattr(result, "choices"):  # vLLM's ErrorResponse
             await self._roll_back(turn)
             return JSONResponse(result.model_dump(), status_code=result.error.code)
@@ -305,10 +425,7 @@ class Ingress:
         if turn.session_id is not None:
             body["session_id"] = turn.session_id
         body["mars"] = turn.mars_field()
-        response = JSONResponse(body)
-        response.headers["Server-Timing"] = _server_timing(turn)
-        response.background = BackgroundTask(self._record_metrics, turn)
-        return response
+        return body
 
     async def _relay(self, turn: Turn, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """vLLM's SSE stream, passed through; the turn's message is assembled
@@ -430,6 +547,24 @@ class Ingress:
             raise ApiError(
                 404, f"session {session_id!r} not found", kind="not_found_error", param="session_id"
             ) from None
+
+
+def _with_tool_results(
+    data: dict[str, Any],
+    message: dict[str, Any],
+    requested: list[dict],
+    results: list[dict],
+    choice: str,
+) -> dict[str, Any]:
+    """The body of the next round, from the client's own body (vLLM's model
+    derives a grammar from `tool_choice` when it validates, so a validated
+    request is not copied): the conversation with the model's calls and
+    their results, and the tool choice `choice` (a required or named choice
+    asked for the call it got)."""
+    call = {"role": "assistant", "content": message.get("content"), "tool_calls": requested}
+    answers = [{"role": "tool", "tool_call_id": r["id"], "content": r["result"]} for r in results]
+    data = {key: value for key, value in data.items() if key != "mars"}
+    return {**data, "messages": [*data["messages"], call, *answers], "tool_choice": choice}
 
 
 def _mars_extension(body: Any, *, chat: bool) -> MarsExtension:

@@ -5,7 +5,9 @@ make it: the client asks a question with a calculator tool, receives
 `tool_calls`, runs the tool, and sends the whole conversation back with the
 tool's result; the model answers with it. The session (`X-Session-Id`) keeps
 the conversation's KV on one instance between the turns: the second turn
-resumes there under the strategy MARS chose, and reuses what it kept.
+resumes there under the strategy MARS chose, and reuses what it kept. Last,
+a tool the server runs itself (`calculate` in configs/serve/local-cpu.yaml): the
+model's call, its result and the answer, in one response.
 
     python examples/openai_client.py --base-url http://127.0.0.1:8000/v1
 """
@@ -125,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     client.delete(f"/sessions/{session['X-Session-Id']}", cast_to=object)
     print("  session deleted")
+
+    # A tool the serving config names (`calculate`): the server runs it when
+    # the model calls it, and the answer comes in the same response.
+    server_tool = {**CALCULATOR, "function": {**CALCULATOR["function"], "name": "calculate"}}
+    served = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is 4321 * 8765? Use the calculator."}],
+        tools=[server_tool],
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
+    )
+    ran = served.model_extra["mars"].get("server_tool_calls", [])
+    print(f"server-side tool: {served.choices[0].message.content!r}")
+    for call in ran:
+        print(f"  the server ran {call['name']}({call['arguments']}) = {call['result']}")
     return 0
 
 

@@ -112,3 +112,19 @@ def default_registry() -> ToolRegistry:
     registry.register("emulated", emulated_tool)
     registry.register("calculator", calculator_tool)
     return registry
+
+
+def registry_for(tools: list[dict]) -> ToolRegistry:
+    """The built-in tools plus the serving config's (`cluster.config.ToolSettings`
+    dicts): an `emulated` tool answers every call with its fixed duration and
+    size, a `calculator` under its own name."""
+    registry = default_registry()
+    for tool in tools:
+        if tool["kind"] == "calculator":
+            registry.register(tool["name"], calculator_tool)
+        elif tool["kind"] == "emulated":
+            fixed = ToolCall("emulated", tool["duration_s"], tool["return_tokens"])
+            registry.register(tool["name"], lambda _call, fixed=fixed: emulated_tool(fixed))
+        else:
+            raise ValueError(f"tools: unknown kind {tool['kind']!r} of tool {tool['name']!r}")
+    return registry

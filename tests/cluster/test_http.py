@@ -30,12 +30,13 @@ def server(tiny_model_dir: Path, redis_url: str, tmp_path_factory):
     config = tmp_path_factory.mktemp("serve") / "app.yaml"
     config.write_text(
         f"""
-model: {{path: {tiny_model_dir}, name: {MODEL}}}
+model: {{path: {tiny_model_dir}, name: {MODEL}, tool_parser: hermes}}
 engine: {{num_kv_blocks: 64, max_model_len: 1024, max_num_seqs: 32}}
 policy: {{name: mars}}
 instances: 2
 dispatch: {{policy: mars_aware}}
 state_store: {{url: "{redis_url}", session_ttl_s: 600}}
+tools: [{{name: calc, kind: calculator}}]
 http: {{port: {port}, ingress_replicas: 2}}
 """
     )
@@ -141,6 +142,57 @@ def test_a_full_history_client_resumes_on_its_instance_with_its_kv(server: str, 
     assert _get(f"{server}/v1/sessions/agent-1")[1]["tokens"] == (
         third.usage.prompt_tokens + third.usage.completion_tokens
     )
+
+
+CALC = {
+    "type": "function",
+    "function": {
+        "name": "calc",
+        "description": "Evaluate an arithmetic expression",
+        "strict": True,
+        "parameters": {  # an enum, so that the random tiny model's call ends
+            "type": "object",
+            "properties": {"expression": {"type": "string", "enum": ["6*7", "6*8"]}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_a_server_side_tool_runs_inside_one_response(server: str, client) -> None:
+    """The model calls `calc`, a tool of the serving config: the server runs
+    it and generation goes on, in the same response; the session's KV waits
+    on its engine between the two turns (preserved: MARS's choice here)."""
+    history = [{"role": "user", "content": "what is 6*7? use calc"}]
+    named = {"type": "function", "function": {"name": "calc"}}  # one call, then it stops
+    reply = _ask(client, "server-tool-1", history, tools=[CALC], tool_choice=named, max_tokens=80)
+    mars = reply.model_extra["mars"]
+    calls = mars["server_tool_calls"]
+    assert calls and {c["name"] for c in calls} == {"calc"}
+    assert {c["result"] for c in calls} <= {"42", "48"}  # evaluated by the server
+    assert not reply.choices[0].message.tool_calls  # the answer, not a call
+    status, record = _get(f"{server}/v1/sessions/server-tool-1")
+    turns = record["turns"]
+    assert status == 200 and 2 <= turns <= len(calls) + 1
+    assert record["tokens"] == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    events = [e["event"] for e in record["engine"]["timeline"]]
+    assert events.count("paused") == turns and events.count("resumed") == turns - 1
+    assert mars["kv"]["resumed_from"] == "preserve"
+
+    # Without a session id the calls run in a session of the response's own.
+    stateless = client.chat.completions.create(
+        model=MODEL, messages=history, tools=[CALC], tool_choice=named, max_tokens=80
+    )
+    ran = stateless.model_extra["mars"]["server_tool_calls"]
+    assert ran and {c["name"] for c in ran} == {"calc"}  # the random model may call again
+    assert "session_id" not in stateless.model_extra["mars"]
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(
+            model=MODEL, messages=history, tools=[CALC], max_tokens=8, stream=True
+        )
 
 
 def test_concurrent_turns_of_one_session_get_one_409(client) -> None:
