@@ -277,7 +277,7 @@ class MarsScheduler(Scheduler):
             record.note(now, "queued")
             self.records[key] = record
         else:
-            self._on_resume(key, record, tags, now)
+            self._on_resume(key, record, tags, request, now)
         record.turn_request_id = request.request_id
         super().add_request(request)
 
@@ -371,7 +371,9 @@ class MarsScheduler(Scheduler):
             and now - self.records[key].paused_at_s > max_idle_s
         ]
 
-    def _on_resume(self, key: str, record: RequestRecord, tags: TurnTags, now: float) -> None:
+    def _on_resume(
+        self, key: str, record: RequestRecord, tags: TurnTags, request: Request, now: float
+    ) -> None:
         if record.phase is not Phase.PAUSED:
             raise ValueError(f"session {key!r} already has a turn {record.phase.value}")
         if record.predicted_api_s is not None:
@@ -383,12 +385,22 @@ class MarsScheduler(Scheduler):
             self._cancel_swap(key, park)  # back before its blocks were freed: keep them
         record.resumed_from = park.strategy if park is not None else None
         record.previous_context_tokens = park.computed_tokens if park is not None else 0
-        record.restore_pending = park is not None and not park.holds_blocks
+        record.restore_pending = park is not None and self._restore_needed(park, request)
         record.reuse = None
         record.segment_index += 1
         self._apply_hints(record, tags.hints)
         record.queued_since_s = now
         record.move(Phase.QUEUED, now, "resumed", strategy=record.resumed_from)
+
+    def _restore_needed(self, park: Park, request: Request) -> bool:
+        """Whether the turn must rebuild its session's KV (recompute it, or
+        load it from host): its blocks were released and the prefix cache
+        no longer holds them. A discard whose blocks are still cached costs
+        the turn nothing to restore, and is priced so."""
+        if park.holds_blocks:
+            return False
+        cached, _ = vllm_hooks.cached_prefix(self.kv_cache_manager, request)
+        return park.computed_tokens - cached > self.block_size
 
     def _cancel_swap(self, key: str, park: Park) -> None:
         park.swap_pending = False

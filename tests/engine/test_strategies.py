@@ -125,6 +125,9 @@ def test_discard_frees_the_blocks_and_the_next_turn_recomputes_once_they_are_gon
         preserved_values = values_of(engine, kept, KEPT)
 
         _evict_free_cached_blocks(engine)
+        engine.add_turn(turn("probe", next_context(first[discarded], NEW_TOKENS), discarded))
+        assert engine.record(discarded).restore_pending is True  # gone: a recompute to come
+        engine.abort_turn("probe")
         second = _resume(engine, first)
         assert second[discarded].kv.resumed_from.value == "discard"
         assert second[discarded].kv.cached_tokens == 0
@@ -143,6 +146,10 @@ def test_a_discarded_session_whose_blocks_are_still_cached_hits_them(tiny_model_
         first = _park_two(engine, LONG_CALL)
         step_until(engine, lambda: "discard" in {_strategy(engine, s) for s in "ab"})
         (discarded,) = [s for s in "ab" if _strategy(engine, s) == "discard"]
+        engine.add_turn(turn("probe", next_context(first[discarded], NEW_TOKENS), discarded))
+        # Priced as what it is: nothing to recompute while the cache holds it.
+        assert engine.record(discarded).restore_pending is False
+        engine.abort_turn("probe")
         second = _resume(engine, first)
         assert second[discarded].kv.resumed_from.value == "discard"
         assert second[discarded].kv.cached_tokens == FULL_BLOCKS * 32
