@@ -592,7 +592,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--loads", nargs="+", type=float, default=[0.5, 1.0, 2.0], help="requests/s")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
-    p.add_argument("--predictor", choices=("oracle", "online"), default="oracle")
+    p.add_argument(
+        "--predictor",
+        choices=("online", "oracle"),
+        default="online",
+        help="online: what a deployment runs (learned from served sessions; the default); "
+        "oracle: the trace's true segment lengths and call durations, an upper bound",
+    )
     p.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny"))
     p.add_argument("--kv-blocks", type=int, default=40, help="KV cache blocks (32 tokens each)")
     p.add_argument("--host-swap-tokens", type=int, default=8192, help="host swap space, tokens")

@@ -41,6 +41,7 @@ class GlobalScheduler:
         metrics: bool,
     ) -> None:
         self._engines = engines
+        self._last: dict[str, InstanceLoad] = {}
         self.placer = Placer(dispatch, metrics=metrics)
         self._view = LoadView(self.placer, self._fetch_loads, source="the engines")
         freeze_startup_heap()
@@ -67,15 +68,28 @@ class GlobalScheduler:
         return [vars(load) for load in placer.loads]
 
     async def _fetch_loads(self) -> list[InstanceLoad]:
+        """Every instance's load. A busy engine is not a dead one: a load call
+        that times out keeps the instance's last load (placement degrades to
+        a stale view, no request is refused); an instance is unhealthy only
+        when its call fails (the replica is gone or restarting) or it never
+        answered."""
         ids = list(self._engines)
         results = await asyncio.gather(*(self._load_of(i) for i in ids), return_exceptions=True)
         loads = []
         for instance_id, result in zip(ids, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, TimeoutError) and instance_id in self._last:
+                logger.warning(
+                    "instance %s: load call timed out after %.0f s; placing on its last load",
+                    instance_id,
+                    LOAD_TIMEOUT_S,
+                )
+                loads.append(self._last[instance_id])
+            elif isinstance(result, BaseException):
                 logger.warning("instance %s unhealthy: %r", instance_id, result)
                 loads.append(_unhealthy(instance_id))
             else:
-                loads.append(InstanceLoad(**result))
+                self._last[instance_id] = InstanceLoad(**result)
+                loads.append(self._last[instance_id])
         return loads
 
     async def _load_of(self, instance_id: str) -> dict[str, Any]:
