@@ -203,11 +203,13 @@ http: {{port: {port}}}
             ray.shutdown()
 
 
-def kill_engine_replica(instance_id: str) -> int:
-    """SIGKILL the process of one engine replica of the mars-serve app."""
+def kill_engine_replica(instance_id: str, app: str = "conformance") -> int:
+    """SIGKILL the process of the engine replica of `instance_id` in the Serve
+    application `app` (its pid asked of the replica actor itself); return
+    the pid."""
     import ray
 
-    wanted = f"conformance#engine-{instance_id}#"
+    wanted = f"{app}#engine-{instance_id}#"
     (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if wanted in a["name"]]
     replica = ray.get_actor(actor["name"], namespace=actor["namespace"])
     pid = ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30)

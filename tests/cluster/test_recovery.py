@@ -3,8 +3,6 @@ vLLM CPU engines, Redis, and a real SIGKILL of the replica's process."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -49,16 +47,9 @@ http: {{port: {port}}}
 
 
 def _kill_replica_of(instance_id: str) -> int:
-    """SIGKILL the process of the engine replica of `instance_id` (its pid
-    asked of the replica actor itself)."""
-    import ray
+    from bench.openai_conformance import kill_engine_replica
 
-    wanted = f"{APP}#engine-{instance_id}#"
-    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if wanted in a["name"]]
-    replica = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    pid = ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    return kill_engine_replica(instance_id, APP)
 
 
 def _turn(client, session: str, history: list[dict], **kwargs):
