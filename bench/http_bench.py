@@ -77,6 +77,7 @@ from bench.engine_bench import (
     _trace_path,
     machine_description,
 )
+from bench.generated_workload import GENERATED_WORKLOADS, generate_sessions
 from bench.workload import TraceRequest, arrivals, build_workload, load_trace
 from cluster.config import ServingConfig, load_serving_config
 from cluster.ports import free_port
@@ -182,6 +183,8 @@ class Turn:
     max_tokens: int
     api_s: float | None
     token_ids: tuple[int, ...] = ()
+    tool: str | None = None
+    """The API called after this turn (`mars.tool`), when there is one."""
 
 
 def session_turns(
@@ -192,14 +195,20 @@ def session_turns(
     start_ids: Sequence[int] = (),
 ) -> list[Turn]:
     """The turns of one trace request: its prompt (after `start_ids`, the
-    model's start token), then each API result.
+    model's start token), then each API result. The prompt's first
+    `request.shared_prefix_tokens` are the same text for every request (a
+    shared system prompt); the rest is drawn with `salt`.
 
     Raises ValueError if a text does not encode to its token count (the
     words were not single tokens after all)."""
-    sends = [request.prompt_tokens, *(s.api_return_tokens for s in request.segments[:-1])]
+    shared = request.shared_prefix_tokens
+    prefix = filler_text(shared, "shared-system-prompt", words) if shared else ""
+    sends = [request.prompt_tokens - shared, *(s.api_return_tokens for s in request.segments[:-1])]
     turns = []
     for k, (tokens, segment) in enumerate(zip(sends, request.segments, strict=True)):
-        text = filler_text(tokens, f"{salt}:{k}", words)
+        text = filler_text(tokens, f"{salt}:{k}", words) if tokens else ""
+        if k == 0:
+            text, tokens = prefix + text, tokens + shared
         ids = encode(text)
         if len(ids) != tokens:
             raise ValueError(
@@ -207,8 +216,16 @@ def session_turns(
                 f"encodes to {len(ids)}"
             )
         start = tuple(start_ids) if k == 0 else ()
-        turn = Turn(text, tokens, segment.completion_tokens, segment.api_time_s, (*start, *ids))
-        turns.append(turn)
+        turns.append(
+            Turn(
+                text,
+                tokens,
+                segment.completion_tokens,
+                segment.api_time_s,
+                (*start, *ids),
+                (segment.tool or TOOL_HINT) if segment.api_time_s is not None else None,
+            )
+        )
     return turns
 
 
@@ -310,13 +327,47 @@ def _error_message(body: str) -> str:
     return body[:200]
 
 
+@dataclass(frozen=True)
+class ClientMode:
+    """How the client talks to the server under test. mars-serve is given
+    a session id (and its record is read and closed after the last turn);
+    stock vLLM has no sessions. `hints`: what a turn that ends in an API
+    call tells mars-serve of it: nothing, the tool's name (which a client
+    knows), or the name and the call's true duration (an oracle's hint)."""
+
+    sessions: bool = True
+    hints: str = "tool+duration"
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hints not in HINT_MODES:
+            raise ValueError(f"hints must be one of {HINT_MODES}, got {self.hints!r}")
+
+
+HINT_MODES = ("none", "tool", "tool+duration")
+
+
+def _hints(turn: Turn, mode: ClientMode) -> dict[str, Any] | None:
+    if turn.api_s is None or mode.hints == "none" or not mode.sessions:
+        return None
+    hints: dict[str, Any] = {"tool": turn.tool or TOOL_HINT}
+    if mode.hints == "tool+duration":
+        hints["expected_api_s"] = turn.api_s
+    return hints
+
+
 async def _turn(
-    http: Any, url: str, model: str, session_id: str, turn: Turn, context: list[int]
-) -> tuple[float, str, list[int]]:
+    http: Any,
+    url: str,
+    model: str,
+    session_id: str,
+    turn: Turn,
+    context: list[int],
+    mode: ClientMode,
+) -> TurnResult:
     """Send one turn, streamed, as an OpenAI client sends it: the whole
     context so far as token ids (`context`, to which the turn's text was
-    appended), with the session id. Return (monotonic time of the first
-    chunk, finish reason, the generated token ids)."""
+    appended), with the session id if `mode` has sessions."""
     body: dict[str, Any] = {
         "model": model,
         "prompt": context,
@@ -324,18 +375,23 @@ async def _turn(
         "stream": True,
         "return_token_ids": True,
     }
-    if turn.api_s is not None:
-        body["mars"] = {"tool": TOOL_HINT, "expected_api_s": turn.api_s}
+    if mode.ignore_eos:
+        body["ignore_eos"] = True
+    hints = _hints(turn, mode)
+    if hints is not None:
+        body["mars"] = hints
+    headers = {"X-Session-Id": session_id} if mode.sessions else {}
     first = None
     finish = None
+    engine_s = None
     generated: list[int] = []
-    async with http.post(
-        f"{url}/v1/completions", json=body, headers={"X-Session-Id": session_id}
-    ) as response:
+    async with http.post(f"{url}/v1/completions", json=body, headers=headers) as response:
         if response.status != 200:
             raise TurnError(f"HTTP {response.status}: {_error_message(await response.text())}")
         async for line in response.content:
             payload = parse_sse_line(line)
+            if payload is not None and "engine_s" in (payload.get("mars") or {}):
+                engine_s = payload["mars"]["engine_s"]
             if payload is None or (not payload.get("choices") and "error" not in payload):
                 continue
             if first is None:
@@ -348,7 +404,21 @@ async def _turn(
                 finish = choice["finish_reason"]
     if first is None or finish is None:
         raise TurnError("the stream ended without a finish_reason")
-    return first, finish, generated
+    return TurnResult(first, time.monotonic(), finish, generated, engine_s)
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What the client saw of one turn (monotonic times)."""
+
+    first_s: float
+    """The first streamed chunk."""
+    ended_s: float
+    finish_reason: str
+    token_ids: list[int]
+    engine_s: float | None
+    """The engine's own time on the turn, from mars-serve's `mars` chunk
+    (None from a server without one)."""
 
 
 @dataclass
@@ -372,6 +442,9 @@ class SessionOutcome:
     engine: dict[str, Any] | None = None
     """The engine's view at the end (`GET /v1/sessions/{id}`'s `engine`)."""
     error: str | None = None
+    outside_engine_s: list[float] = field(default_factory=list)
+    """Each turn's time from the client's send to its end, less the engine's
+    own time on it (where the server reports it): the serving stack's share."""
 
 
 async def run_session(
@@ -382,6 +455,7 @@ async def run_session(
     turns: Sequence[Turn],
     arrival: float,
     outcome: SessionOutcome,
+    mode: ClientMode,
 ) -> None:
     """Run one session from its arrival (a monotonic time) to its close,
     recording into `outcome`; a failure is recorded, never raised."""
@@ -396,13 +470,15 @@ async def run_session(
         for k, turn in enumerate(turns):
             context.extend(turn.token_ids)
             sent = time.monotonic()
-            first, reason, generated = await _turn(http, url, model, session_id, turn, context)
-            context.extend(generated)
+            result = await _turn(http, url, model, session_id, turn, context, mode)
+            context.extend(result.token_ids)
             if k == 0:
-                outcome.ttft_s = first - arrival
+                outcome.ttft_s = result.first_s - arrival
             else:
-                outcome.resume_ttft_s.append(first - sent)
-            outcome.finish_reasons.append(reason)
+                outcome.resume_ttft_s.append(result.first_s - sent)
+            if result.engine_s is not None:
+                outcome.outside_engine_s.append(result.ended_s - sent - result.engine_s)
+            outcome.finish_reasons.append(result.finish_reason)
             if turn.api_s is not None:
                 await asyncio.sleep(turn.api_s)
         outcome.e2e_s = time.monotonic() - arrival
@@ -410,6 +486,8 @@ async def run_session(
     except (TurnError, aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError) as exc:
         outcome.status = "failed"
         outcome.error = f"turn {k}: {type(exc).__name__}: {exc}"
+    if not mode.sessions:
+        return
     if outcome.status == "completed":
         try:
             async with http.get(f"{url}/v1/sessions/{session_id}") as response:
@@ -445,6 +523,7 @@ async def replay(
     max_seconds: float,
     desc: str,
     progress: bool,
+    mode: ClientMode = ClientMode(),
 ) -> tuple[list[SessionOutcome], float]:
     """Replay every session against `url`; sessions unfinished at
     `max_seconds` are cancelled and left in their status. Returns the
@@ -470,7 +549,7 @@ async def replay(
         for i, (turns, offset) in enumerate(zip(plans, offsets, strict=True)):
             session_id = f"{prefix}-{i:03d}-{request_ids[i]}"
             task = asyncio.create_task(
-                run_session(http, url, model, session_id, turns, t0 + offset, outcomes[i])
+                run_session(http, url, model, session_id, turns, t0 + offset, outcomes[i], mode)
             )
             task.add_done_callback(lambda _: bar.update(1))
             tasks.append(task)
@@ -753,6 +832,22 @@ class Workload:
     max_model_len: int
 
 
+GENERATED_POOL = 400
+"""Sessions a generated workload draws before sampling (as many as a trace holds)."""
+
+
+def workload_source(
+    name: str, seed: int, count: Callable[[str], int]
+) -> tuple[str, list[TraceRequest]]:
+    """(name, requests) of a trace (a name under `bench/data/infercept` or a
+    .json path) or of a generated workload (`GENERATED_WORKLOADS`), whose
+    sessions are drawn with `seed`."""
+    if name in GENERATED_WORKLOADS:
+        return name, generate_sessions(GENERATED_POOL, seed)
+    trace_name, path = _trace_path(name)
+    return trace_name, load_trace(path, count)
+
+
 def build_trace_workload(
     trace: str, args: argparse.Namespace, tokenizer: Any, words: Sequence[str]
 ) -> Workload:
@@ -762,13 +857,13 @@ def build_trace_workload(
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    name, path = _trace_path(trace)
+    name, source = workload_source(trace, args.seed, count)
     # The longest context a session may reach: what one instance's KV holds
     # and the model allows, minus headroom for the closing chunk and the
     # start token the ingress adds.
     limit = min(args.kv_blocks * BLOCK_SIZE, MODEL_MAX_POSITIONS) - BLOCK_SIZE - 1
     requests, dropped = build_workload(
-        load_trace(path, count),
+        source,
         token_scale=args.token_scale,
         api_scale=args.api_scale,
         max_requests=args.max_requests,

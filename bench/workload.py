@@ -32,11 +32,14 @@ CountTokens = Callable[[str], int]
 
 class TraceSegment(NamedTuple):
     """Generate `completion_tokens`, then call an API for `api_time_s` seconds
-    whose result has `api_return_tokens` tokens (`api_time_s` None: the end)."""
+    whose result has `api_return_tokens` tokens (`api_time_s` None: the end).
+    `tool` names the API when the workload knows it (the INFERCEPT traces
+    do not)."""
 
     completion_tokens: int
     api_time_s: float | None
     api_return_tokens: int
+    tool: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class TraceRequest:
     request_id: str
     prompt_tokens: int
     segments: tuple[TraceSegment, ...]
+    shared_prefix_tokens: int = 0
+    """The first tokens of the prompt that every request of the workload
+    shares (a system prompt with tool definitions); 0 for the traces."""
 
     @property
     def total_tokens(self) -> int:
@@ -157,10 +163,13 @@ def scale_request(
             _scaled(s.completion_tokens, token_scale),
             None if s.api_time_s is None else s.api_time_s * api_scale,
             0 if s.api_time_s is None else _scaled(s.api_return_tokens, token_scale),
+            s.tool,
         )
         for s in request.segments
     )
-    return TraceRequest(request.request_id, _scaled(request.prompt_tokens, token_scale), segments)
+    prompt = _scaled(request.prompt_tokens, token_scale)
+    shared = min(prompt, round(request.shared_prefix_tokens * token_scale))
+    return TraceRequest(request.request_id, prompt, segments, shared)
 
 
 def sample(

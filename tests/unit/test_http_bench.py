@@ -11,9 +11,13 @@ import pytest
 from bench.http_bench import (
     CLUSTER_KEYS,
     DEFAULT_CONFIGS,
+    TOOL_HINT,
     BenchConfig,
+    ClientMode,
     SessionOutcome,
+    Turn,
     TurnError,
+    _hints,
     filler_text,
     kv_counters,
     overhead_report,
@@ -102,6 +106,33 @@ def test_session_turns_send_the_prompt_then_each_api_result() -> None:
     assert len({t.text for t in turns}) == 3
     # The ids a client appends to its context: the start token only once.
     assert [len(t.token_ids) for t in turns] == [13, 3, 2] and turns[0].token_ids[0] == 1
+
+
+def test_session_turns_share_the_system_prompt_and_name_each_tool() -> None:
+    shared = TraceRequest(
+        "r2", 12, (TraceSegment(5, 0.5, 3, "search"), TraceSegment(4, None, 0)), 8
+    )
+    other = TraceRequest("r3", 10, (TraceSegment(6, None, 0),), 8)
+    mine = session_turns(shared, "0:1", WORDS, _encode)
+    theirs = session_turns(other, "0:2", WORDS, _encode)
+    assert [t.tokens for t in mine] == [12, 3] and theirs[0].tokens == 10
+    # The first 8 words are the same text for every session; the rest differ.
+    assert mine[0].text.split()[:8] == theirs[0].text.split()[:8]
+    assert mine[0].text.split()[8:] != theirs[0].text.split()[8:10]
+    assert [t.tool for t in mine] == ["search", None]
+    untitled = session_turns(REQUEST, "0:0", WORDS, _encode)
+    assert [t.tool for t in untitled] == [TOOL_HINT, TOOL_HINT, None]
+
+
+def test_client_hints_say_only_what_the_mode_allows() -> None:
+    turn = Turn("x", 1, 4, 2.5, (1,), "search")
+    assert _hints(turn, ClientMode()) == {"tool": "search", "expected_api_s": 2.5}
+    assert _hints(turn, ClientMode(hints="tool")) == {"tool": "search"}
+    assert _hints(turn, ClientMode(hints="none")) is None
+    assert _hints(turn, ClientMode(sessions=False, hints="tool")) is None
+    assert _hints(Turn("x", 1, 4, None), ClientMode()) is None
+    with pytest.raises(ValueError, match="hints must be one of"):
+        ClientMode(hints="all")
 
 
 def test_session_turns_reject_text_of_the_wrong_length() -> None:

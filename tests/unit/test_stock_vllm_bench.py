@@ -1,0 +1,106 @@
+"""bench.stock_vllm's pure parts: the engine shape both systems get, rows
+and the summary against stock vLLM. The benchmark itself starts servers and
+is not run here."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.http_bench import SessionOutcome, Workload
+from bench.stock_vllm import (
+    ROW_KEYS,
+    STOCK,
+    EngineShape,
+    error_row,
+    make_row,
+    parse_args,
+    summarize,
+)
+
+SHAPE = EngineShape("models/tiny", "tiny", 32, 40, 928, 2048, 128)
+
+
+def test_stock_vllm_gets_the_same_engine_shape() -> None:
+    args = SHAPE.stock_args()
+    given = dict(zip(args[::2], args[1::2], strict=False))
+    assert given["--num-gpu-blocks-override"] == "40"
+    assert given["--block-size"] == "32"
+    assert given["--max-model-len"] == "928"
+    assert given["--max-num-batched-tokens"] == "2048"
+    assert given["--max-num-seqs"] == "128"
+    # Prefix caching and the scheduler stay at vLLM's defaults.
+    assert not any("prefix" in a or "scheduler" in a for a in args)
+
+
+def _workload(n: int) -> Workload:
+    return Workload("multi_api", [object()] * n, [[]] * n, 0, 928)
+
+
+def _done(e2e: float, ttft: float, resume=(0.1,)) -> SessionOutcome:
+    return SessionOutcome("r", 2, "completed", 0.0, ttft, e2e, list(resume), ["length"] * 2)
+
+
+def test_a_row_has_the_issue_keys_first_and_counts_every_session() -> None:
+    outcomes = [
+        _done(2.0, 0.1),
+        _done(4.0, 0.3),
+        SessionOutcome("r", 2, "failed", error="turn 0: HTTP 503"),
+        SessionOutcome("r", 2, "running"),
+    ]
+    row = make_row(
+        outcomes,
+        workload=_workload(4),
+        seed=3,
+        load=6.0,
+        system=STOCK,
+        instances=1,
+        replay_s=10.0,
+    )
+    assert tuple(row)[: len(ROW_KEYS)] == ROW_KEYS
+    assert row["e2e_mean_s"] == pytest.approx(3.0)
+    assert (row["completed"], row["failed"], row["timed_out"]) == (2, 1, 1)
+    assert row["errors"] == ["turn 0: HTTP 503"]
+    assert "recompute_tokens" not in row  # stock vLLM reports no MARS counters
+
+
+def test_the_summary_compares_each_seed_with_stock_vllm() -> None:
+    def row(system: str, seed: int, e2e: float, ttft_p99: float) -> dict:
+        return {
+            "workload": "w",
+            "system": system,
+            "seed": seed,
+            "e2e_mean_s": e2e,
+            "e2e_p99_s": e2e * 2,
+            "ttft_mean_s": ttft_p99 / 2,
+            "ttft_p99_s": ttft_p99,
+            "completed": 10,
+            "failed": 0,
+            "sessions": 10,
+        }
+
+    rows = [
+        row(STOCK, 0, 10.0, 1.0),
+        row("mars-serve:mars", 0, 6.0, 0.5),
+        row(STOCK, 1, 8.0, 1.0),
+        row("mars-serve:mars", 1, 8.0, 2.0),
+    ]
+    stock, mars = summarize(rows)
+    assert stock["system"] == STOCK and stock["e2e_mean_s"] == pytest.approx(9.0)
+    assert mars["e2e_ratio_to_stock"] == pytest.approx([0.6, 1.0])
+    assert mars["e2e_ratio_to_stock_max"] == pytest.approx(1.0)
+    assert mars["ttft_p99_worse_than_stock_in_seeds"] == [1]
+    assert (mars["e2e_mean_min_s"], mars["e2e_mean_max_s"]) == (6.0, 8.0)
+
+
+def test_an_error_row_counts_every_session_as_failed() -> None:
+    row = error_row(_workload(5), 2, 6.0, "mars-serve:mars", 1, RuntimeError("no start"))
+    assert row["failed"] == 5 and row["completed"] == 0 and row["e2e_mean_s"] is None
+    assert set(ROW_KEYS) <= set(row)
+
+
+def test_parse_args_names_a_bad_system(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--systems", "mars-serve:fastest"])
+    assert "mars-serve:fastest" in capsys.readouterr().err
+    args = parse_args(["--quick"])
+    assert args.workloads == ["agent_mix"] and args.seeds == [0]
