@@ -999,8 +999,8 @@ async def measure_overhead(
         engine = engines[instance_id]
         turn = TurnRequest(session_id, token_ids, SamplingParams(max_tokens=1))
         start = time.perf_counter()
-        async for event in engine.options(stream=True).generate.remote(turn):
-            end = event
+        async for batch in engine.options(stream=True).generate.remote(turn):
+            end = batch[-1]
         return time.perf_counter() - start, end.engine_s
 
     async def health(http: Any) -> None:

@@ -31,7 +31,7 @@ from cluster.metrics import EngineMetrics
 from cluster.serve_env import freeze_startup_heap
 from workers.async_engine import AsyncMarsEngine
 from workers.engine import EngineConfig, SessionInfo
-from workers.turns import TurnEvent, TurnRequest
+from workers.turns import TurnEvent, TurnOutput, TurnRequest
 
 STARTUP_TIMEOUT_S = 600.0
 METRICS_PERIOD_S = 1.0
@@ -86,10 +86,13 @@ class EngineInstance:
         if not self._engine.alive:
             raise RuntimeError(f"engine {self.instance_id} has stopped")
 
-    async def generate(self, turn: TurnRequest) -> AsyncIterator[TurnEvent]:
+    async def generate(self, turn: TurnRequest) -> AsyncIterator[list[TurnEvent]]:
         """Run one turn; stream vLLM's outputs (`TurnOutput`), then its
-        `TurnEnd` with what it reused of its session's KV. A caller that
-        leaves aborts the turn (its session's KV is kept)."""
+        `TurnEnd` with what it reused of its session's KV, in batches of the
+        events ready together (`AsyncMarsEngine.generate`). Outputs travel
+        without their prompt's token ids, which the caller sent and keeps
+        (`TurnOutput.without_prompt`). A caller that leaves aborts the turn
+        (its session's KV is kept)."""
         engine = await self._ready()
         logger.debug(
             "turn start session=%s request=%s prompt_tokens=%d",
@@ -98,8 +101,8 @@ class EngineInstance:
             len(turn.prompt_token_ids),
         )
         try:
-            async for event in engine.generate(turn):
-                yield event
+            async for batch in engine.generate(turn):
+                yield [e.without_prompt() if isinstance(e, TurnOutput) else e for e in batch]
         except Exception:
             logger.exception("turn failed session=%s request=%s", turn.session_id, turn.request_id)
             raise

@@ -154,15 +154,21 @@ class Turn:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(stream.__anext__(), TURN_EVENT_TIMEOUT_S)
+                    # A timer per batch, not a task per event (`wait_for`);
+                    # and only around the wait for the engine, never
+                    # around a `yield` to the caller.
+                    async with asyncio.timeout(TURN_EVENT_TIMEOUT_S):
+                        batch = await anext(stream)
                 except StopAsyncIteration:
                     break
-                if isinstance(event, TurnOutput):
-                    if self.first_token_s is None and event.output.outputs[0].token_ids:
-                        self.first_token_s = time.monotonic()
-                    yield event.output
-                elif isinstance(event, TurnEnd):
-                    self.end = event
+                for event in batch:
+                    if isinstance(event, TurnOutput):
+                        output = event.with_prompt(prompt_token_ids).output
+                        if self.first_token_s is None and output.outputs[0].token_ids:
+                            self.first_token_s = time.monotonic()
+                        yield output
+                    elif isinstance(event, TurnEnd):
+                        self.end = event
         except (ValueError, TypeError, VLLMClientError) as exc:  # the engine refused the input
             raise _cause(exc) from None
         except Exception as exc:

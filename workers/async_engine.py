@@ -83,9 +83,12 @@ class AsyncMarsEngine:
         self._commands.put(command)
         return await asyncio.wrap_future(future)
 
-    async def generate(self, turn: TurnRequest) -> AsyncIterator[TurnEvent]:
-        """Run one turn; yield its outputs, then its `TurnEnd`. A caller that
-        stops iterating (its client left) aborts the turn."""
+    async def generate(self, turn: TurnRequest) -> AsyncIterator[list[TurnEvent]]:
+        """Run one turn; yield its outputs, then its `TurnEnd`, in batches:
+        each batch is every event that was ready when the caller asked for
+        more (one, when the caller keeps up with the engine; several steps'
+        worth, when it does not: then they travel on as one message). A
+        caller that stops iterating (its client left) aborts the turn."""
         stream: asyncio.Queue = asyncio.Queue()
         if turn.request_id in self._streams:
             raise ValueError(f"request_id {turn.request_id!r} is already running")
@@ -93,14 +96,15 @@ class AsyncMarsEngine:
         ended = False
         try:
             await self.call(lambda engine: engine.add_turn(turn))
-            while True:
-                event = await stream.get()
-                if isinstance(event, _Failed):
-                    raise EngineStopped(f"the MARS engine failed: {event.reason}")
-                yield event
-                if isinstance(event, TurnEnd):
-                    ended = True
-                    return
+            while not ended:
+                batch = [await stream.get()]
+                while not stream.empty():
+                    batch.append(stream.get_nowait())
+                for event in batch:
+                    if isinstance(event, _Failed):
+                        raise EngineStopped(f"the MARS engine failed: {event.reason}")
+                ended = isinstance(batch[-1], TurnEnd)
+                yield batch
         finally:
             self._streams.pop(turn.request_id, None)
             if not ended and self._failure is None and self._thread.is_alive():
@@ -164,13 +168,17 @@ class AsyncMarsEngine:
                 command = None
 
     def _forward(self, events: list[TurnEvent]) -> None:
-        """Hand each event to its turn's stream (on its caller's loop)."""
+        """Hand each event to its turn's stream, on its caller's loop: one
+        wake-up of each loop per step, however many turns it streams."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TurnEvent]]] = {}
         for event in events:
             request_id = event.request_id if isinstance(event, TurnEnd) else event.output.request_id
             target = self._streams.get(request_id)
             if target is not None:
                 loop, stream = target
-                loop.call_soon_threadsafe(stream.put_nowait, event)
+                by_loop.setdefault(loop, []).append((stream, event))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _settle_plans(self, engine: MarsEngine) -> None:
         for session_id, (loop, done) in list(self._plans.items()):
@@ -178,6 +186,11 @@ class AsyncMarsEngine:
             if session is not None and session.state is PlanState.FINISHED:
                 del self._plans[session_id]
                 loop.call_soon_threadsafe(_resolve, done, session)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, TurnEvent]]) -> None:
+    for stream, event in deliveries:
+        stream.put_nowait(event)
 
 
 def _resolve(done: asyncio.Future, value: object) -> None:

@@ -101,7 +101,8 @@ class RankedRequestQueue(RequestQueue):
             self.changed = True
 
     def rerank(self, key: Callable[[list[Request]], list[Request]]) -> None:
-        self._items = deque(key(list(self._items)))
+        if len(self._items) > 1:  # one request or none has nothing to order
+            self._items = deque(key(list(self._items)))
         self.changed = False
 
     def __bool__(self) -> bool:

@@ -15,6 +15,7 @@ by Ray) and from the replica's asyncio side to the engine thread.
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,19 @@ class TurnOutput:
     turn's `sampling.output_kind` asked."""
 
     output: RequestOutput
+
+    def without_prompt(self) -> TurnOutput:
+        """This output without its prompt's token ids (vLLM puts the whole
+        prompt in every output), for the trip back to the caller, which
+        sent the prompt and puts it back (`with_prompt`)."""
+        output = copy.copy(self.output)
+        output.prompt_token_ids = None
+        return TurnOutput(output)
+
+    def with_prompt(self, prompt_token_ids: list[int]) -> TurnOutput:
+        """The output as the engine made it, its prompt put back."""
+        self.output.prompt_token_ids = prompt_token_ids
+        return self
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ async def _watch(engine) -> tuple[str, float]:
         "idle-1",
         SessionAction.KEEP,
     )
-    async for event in engine.options(stream=True).generate.remote(turn):
-        last = event
+    async for batch in engine.options(stream=True).generate.remote(turn):
+        last = batch[-1]
     assert isinstance(last, TurnEnd)
     paused_at = time.monotonic()
     phase = (await engine.session_info.remote("idle-1")).phase.value

@@ -21,12 +21,14 @@ pytestmark = pytest.mark.engine
 
 async def _run(engine, t):
     deltas, end = [], None
-    async for event in engine.generate(t):
-        if isinstance(event, TurnOutput):
-            deltas.extend(event.output.outputs[0].token_ids)
-        else:
-            assert isinstance(event, TurnEnd)
-            end = event
+    async for batch in engine.generate(t):
+        assert batch and end is None  # nothing after the end of the turn
+        for event in batch:
+            if isinstance(event, TurnOutput):
+                deltas.extend(event.output.outputs[0].token_ids)
+            else:
+                assert isinstance(event, TurnEnd)
+                end = event
     return deltas, end
 
 
@@ -109,7 +111,7 @@ async def _cancelled_calls(model_dir):
         # A session turn whose caller leaves after its first output is aborted;
         # the session's KV is kept for its next turn, nothing is left running.
         stream = engine.generate(_streamed("left", prompt(40, seed=3), "s", 200))
-        assert isinstance(await stream.__anext__(), TurnOutput)
+        assert isinstance((await stream.__anext__())[0], TurnOutput)
         await stream.aclose()
         for _ in range(200):
             phase = await engine.call(lambda e: e.session_info("s").phase.value)
