@@ -25,7 +25,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -48,6 +48,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 )
 from vllm.exceptions import VLLMError
 
+from cluster import sse
 from cluster.frontend import EngineUnavailable, FrontendSettings, build_frontend
 from cluster.logs import serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
@@ -427,25 +428,24 @@ class Ingress:
         body["mars"] = turn.mars_field()
         return body
 
-    async def _relay(self, turn: Turn, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _relay(self, turn: Turn, chunks: AsyncIterator[str]) -> AsyncGenerator[str, None]:
         """vLLM's SSE stream, passed through; the turn's message is assembled
-        from its deltas, and the record committed before `[DONE]` (a
-        session's `mars` chunk goes just before it)."""
-        message = _StreamedMessage()
-        settled = False
+        from its deltas. The record is committed as soon as the engine has
+        ended the turn, before the chunk with its finish reason goes out: a
+        client that stops reading there (before `[DONE]`) still finds the
+        turn in the record. A session's `mars` chunk goes just before
+        `[DONE]`."""
+        message = sse.StreamedMessage()
+        settled = committed = False
         try:
             async for chunk in chunks:
-                if chunk.startswith("data: [DONE]"):
-                    if settled:
-                        yield chunk
-                        continue
-                    settled = True
-                    if turn.end is not None and turn.failure is None:
-                        await self._commit(turn, message.message() if turn.chat else None)
-                        if turn.session_id is not None:
-                            yield _sse({"id": f"mars-{turn.key}", "choices": [], **_extras(turn)})
-                    else:
-                        await self._roll_back(turn)
+                if sse.is_done(chunk):
+                    if not settled:  # no finish reason came after the turn's end
+                        settled, committed = True, turn.end is not None and turn.failure is None
+                        await self._settle_stream(turn, message, committed=committed)
+                    if committed and turn.session_id is not None:
+                        fields = {"id": f"mars-{turn.key}", "choices": [], **_extras(turn)}
+                        yield sse.event(fields)
                     yield chunk
                     continue
                 if turn.failure is not None and not settled:
@@ -453,13 +453,26 @@ class Ingress:
                     # the client, who may retry at once, hears of it.
                     settled = True
                     await self._roll_back(turn)
-                message.feed(chunk)
+                payload = sse.parse(chunk)
+                message.feed(payload)
+                if not settled and turn.end is not None and sse.finishes(payload):
+                    settled = committed = True
+                    await self._settle_stream(turn, message, committed=True)
                 yield chunk
         finally:
             self._frontend.turns.remove(turn.key)
             if not settled:  # the client left: the record stays as before the turn
                 self._in_background(self._roll_back(turn))
         self._record_metrics(turn)
+
+    async def _settle_stream(
+        self, turn: Turn, message: sse.StreamedMessage, *, committed: bool
+    ) -> None:
+        """Commit a streamed turn with the message it delivered, or roll it back."""
+        if committed:
+            await self._commit(turn, message.message() if turn.chat else None)
+        else:
+            await self._roll_back(turn)
 
     async def _commit(self, turn: Turn, assistant: dict[str, Any] | None) -> None:
         if turn.session_id is None:
@@ -635,36 +648,6 @@ def _is_batch(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
 
 
-class _StreamedMessage:
-    """The assistant message a chat stream delivers, assembled from its
-    chunks as a client assembles it (content, tool calls by index)."""
-
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.calls: dict[int, dict[str, Any]] = {}
-
-    def feed(self, chunk: str) -> None:
-        if not chunk.startswith("data: "):
-            return
-        try:
-            payload = json.loads(chunk[6:])
-        except json.JSONDecodeError:
-            return
-        for choice in payload.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self.content.append(delta["content"])
-            for call in delta.get("tool_calls") or ():
-                slot = self.calls.setdefault(call.get("index", 0), {"name": "", "arguments": ""})
-                function = call.get("function") or {}
-                slot["name"] += function.get("name") or ""
-                slot["arguments"] += function.get("arguments") or ""
-
-    def message(self) -> dict[str, Any]:
-        calls = [{"type": "function", "function": self.calls[i]} for i in sorted(self.calls)]
-        return {"role": "assistant", "content": "".join(self.content), "tool_calls": calls}
-
-
 def _extras(turn: Turn) -> dict[str, Any]:
     extras: dict[str, Any] = {"mars": turn.mars_field()}
     if turn.session_id is not None:
@@ -711,7 +694,3 @@ def _server_timing(turn: Turn) -> str:
     engine_s = turn.end.engine_s if turn.end else 0.0
     parts = {"ingress": ingress_s, "engine_call": turn.engine_wait_s, "engine": engine_s}
     return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts.items())
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"

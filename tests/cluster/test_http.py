@@ -236,6 +236,44 @@ def test_a_client_leaving_mid_stream_leaves_its_session_as_before(server: str, c
     assert again.model_extra["mars"]["history"]["matched_messages"] == 2
 
 
+def test_a_client_leaving_after_the_finish_chunk_finds_its_turn_recorded(server: str, client):
+    """The record is committed before the finish chunk goes out: a client
+    that stops reading there, before usage and `[DONE]`, has its turn kept."""
+    import httpx
+
+    history = [{"role": "user", "content": "hello"}]
+    first = _ask(client, "finish-leaver-1", history)
+    history += [first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "user", "content": "and then?"}]
+    body = {
+        "model": MODEL,
+        "messages": history,
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    content = []
+    url = f"{server}/v1/chat/completions"
+    headers = {"X-Session-Id": "finish-leaver-1"}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            content.append(choice["delta"].get("content") or "")
+            if choice.get("finish_reason"):
+                break  # the connection closes here
+    record = _get(f"{server}/v1/sessions/finish-leaver-1")[1]
+    assert record["state"] == "paused" and record["turns"] == 2, record
+    history += [{"role": "assistant", "content": "".join(content)}]
+    history += [{"role": "user", "content": "more"}]
+    third = _ask(client, "finish-leaver-1", history)
+    assert third.model_extra["mars"]["history"]["matched_messages"] == 4
+    assert third.model_extra["mars"]["history"]["diverged_at"] is None
+    assert _get(f"{server}/v1/sessions/finish-leaver-1")[1]["turns"] == 3
+
+
 def test_errors_name_the_field_in_openai_shape(server: str, client) -> None:
     import openai
 
