@@ -58,6 +58,9 @@ class StreamedMessage:
                 slot["name"] += function.get("name") or ""
                 slot["arguments"] += function.get("arguments") or ""
 
+    def names(self) -> list[str]:
+        return [call["name"] for call in self.calls.values()]
+
     def message(self) -> dict[str, Any]:
         calls = [
             {
