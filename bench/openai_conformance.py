@@ -203,16 +203,21 @@ http: {{port: {port}}}
             ray.shutdown()
 
 
-def kill_engine_replica(instance_id: str, app: str = "conformance") -> int:
-    """SIGKILL the process of the engine replica of `instance_id` in the Serve
-    application `app` (its pid asked of the replica actor itself); return
-    the pid."""
+def engine_replica_pid(instance_id: str, app: str = "conformance") -> int:
+    """The process id of the engine replica of `instance_id` in the Serve
+    application `app`, asked of the replica actor itself."""
     import ray
 
     wanted = f"{app}#engine-{instance_id}#"
     (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if wanted in a["name"]]
     replica = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    pid = ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    return ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+
+
+def kill_engine_replica(instance_id: str, app: str = "conformance") -> int:
+    """SIGKILL the process of the engine replica of `instance_id` in the Serve
+    application `app`; return the pid."""
+    pid = engine_replica_pid(instance_id, app)
     os.kill(pid, signal.SIGKILL)
     return pid
 

@@ -15,18 +15,19 @@ turn whose engine fails gets a 503 with `Retry-After` (in-band when
 streaming) and leaves the record as it was, so a retry goes on from there
 on a healthy instance. Our own fields are under `mars` (tool hints,
 `close`), and every response says under `mars` where the turn ran and what
-it reused.
+it reused. A chat request that offers a tool of the serving config has its
+calls run here, round after round, in one response (`cluster.server_tools`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -48,27 +49,25 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 )
 from vllm.exceptions import VLLMError
 
+from cluster import sse
+from cluster.errors import ApiError, unavailable
 from cluster.frontend import EngineUnavailable, FrontendSettings, build_frontend
 from cluster.logs import serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
 from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import MarsExtension, unsupported_fields
 from cluster.serve_env import freeze_startup_heap
+from cluster.server_tools import ChatTurns, ServerTools
 from cluster.session_lifecycle import SessionConflict, SessionEvent
 from cluster.state_store import SessionRecord, UnknownSession, make_state_store
 from cluster.turn import Turn
 from workers.hints import SegmentHints
-from workers.tools import ToolCall, registry_for
+from workers.tools import registry_for
 
 logger = serve_logger(__name__)
 
 ENGINE_CALL_TIMEOUT_S = 10.0
 """Timeout of the ingress's unary calls to an engine (session info, end)."""
-SERVER_TOOL_ROUNDS = 8
-"""The most rounds of server-side tool calls one response runs."""
-RETRY_AFTER_S = 2
-"""`Retry-After` of a 503: Serve restarts a dead replica within seconds,
-and placement moves a session off an instance that stays down."""
 
 app = FastAPI(title="mars-serve")
 # vLLM's handler for malformed bodies (400 naming the field, as `vllm serve`);
@@ -88,32 +87,6 @@ async def _vllm_error(_: Request, exc: Exception) -> JSONResponse:
 
 for _kind in (VLLMError, ValueError, TypeError, OverflowError):
     app.exception_handler(_kind)(_vllm_error)
-
-
-class ApiError(Exception):
-    """An OpenAI-shaped error response of our own."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.status,
-        }
-        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
 
 
 @app.exception_handler(ApiError)
@@ -151,11 +124,18 @@ class Ingress:
     ) -> None:
         settings = FrontendSettings(**frontend)
         self._frontend = build_frontend(settings)
-        self._tools = registry_for(tools)
-        self._server_tools = frozenset(tool["name"] for tool in tools)
-        """The tools the serving config names: the server runs these itself."""
-        self._next_choice = "auto" if settings.tool_parser else "none"
-        """The tool choice after a server-side call: `auto` needs a tool parser."""
+        self._server_tools = ServerTools(
+            registry_for(tools),
+            frozenset(tool["name"] for tool in tools),
+            next_choice="auto" if settings.tool_parser else "none",
+            tokenizer=self._frontend.tokenizer,
+            turns=ChatTurns(
+                run=partial(self._run_turn, chat=True),
+                settle=self._settle,
+                relay=self._relay,
+                end_session=self._end_own_session,
+            ),
+        )
         self._engines = engines
         self._scheduler = scheduler
         # A lone replica is the application's only decider: it places turns
@@ -247,8 +227,8 @@ class Ingress:
     async def _serve(self, body: Any, raw: Request, *, chat: bool):
         mars = _mars_extension(body, chat=chat)
         session_id = _session_id(raw, body)
-        if chat and self._server_tools_offered(body):
-            return await self._serve_with_server_tools(await raw.json(), body, session_id, mars)
+        if chat and self._server_tools.offered(body):
+            return await self._server_tools.serve(await raw.json(), body, session_id, mars)
         turn, result = await self._run_turn(body, session_id, mars, chat=chat)
         if isinstance(result, AsyncIterator):
             return StreamingResponse(self._relay(turn, result), media_type="text/event-stream")
@@ -272,7 +252,7 @@ class Ingress:
         except EngineUnavailable as exc:
             self._frontend.turns.remove(turn.key)
             await self._roll_back(turn)
-            raise _unavailable(str(exc)) from None
+            raise unavailable(str(exc)) from None
         except BaseException:
             self._frontend.turns.remove(turn.key)
             await self._roll_back(turn)
@@ -281,91 +261,15 @@ class Ingress:
             self._frontend.turns.remove(turn.key)
         return turn, result
 
-    # ------------------------------------------------------- server tools
-    def _server_tools_offered(self, body: Any) -> bool:
-        names = {tool.function.name for tool in body.tools or () if tool.type == "function"}
-        return bool(names & self._server_tools)
+    def _end_own_session(self, session_id: str, turn: Turn | None) -> None:
+        """End a session the ingress opened for one response: its record and
+        its KV, in the background (the response does not wait for them)."""
 
-    async def _serve_with_server_tools(
-        self, data: dict[str, Any], body: Any, session_id: str | None, mars: MarsExtension
-    ) -> Response:
-        """Turns until the model answers without calling a server-side tool:
-        each server-side call is run here (the session's KV parked on its
-        engine meanwhile, under MARS), its result appended, and generation
-        goes on, all in this one response. A request without a session runs
-        in a session of its own for the time of the call. The response is
-        the last turn's, with the calls under `mars.server_tool_calls`."""
-        if body.stream:
-            raise ApiError(
-                400,
-                "stream: server-side tools answer non-streamed requests (streaming them is "
-                "not built yet)",
-                kind="invalid_request_error",
-                param="stream",
-            )
-        own = session_id is None
-        session_id = session_id or f"mars-tools-{uuid.uuid4().hex}"
-        calls: list[dict[str, Any]] = []
-        turn: Turn | None = None
-        try:
-            for _ in range(SERVER_TOOL_ROUNDS + 1):
-                turn, result = await self._run_turn(body, session_id, mars, chat=True)
-                reply = await self._settle(turn, result)
-                if isinstance(reply, Response):
-                    return reply
-                message = reply["choices"][0]["message"]
-                requested = message.get("tool_calls") or []
-                names = self._server_tools
-                if not requested or any(c["function"]["name"] not in names for c in requested):
-                    break  # an answer, or a call the client runs
-                if len(calls) >= SERVER_TOOL_ROUNDS * len(requested):
-                    break
-                results = [await self._call_tool(call) for call in requested]
-                calls += results
-                data = _with_tool_results(data, message, requested, results, self._next_choice)
-                body = type(body).model_validate(data)
-        finally:
-            if own:
-                await self._end_own_session(session_id, turn)
-        reply["mars"]["server_tool_calls"] = calls
-        if own:
-            reply.pop("session_id", None)
-            for key in ("session_id", "session_state", "history"):
-                reply["mars"].pop(key, None)
-        return JSONResponse(reply)
+        async def forget() -> None:
+            with contextlib.suppress(UnknownSession):
+                await asyncio.to_thread(self._store.delete_session, session_id)
 
-    async def _call_tool(self, call: dict[str, Any]) -> dict[str, Any]:
-        """Run one server-side tool call (a calculator's expression is its
-        `expression` argument); its duration is waited here."""
-        function = call["function"]
-        arguments = function.get("arguments") or ""
-        with contextlib.suppress(ValueError, TypeError):
-            parsed = json.loads(arguments)
-            if isinstance(parsed, dict) and len(parsed) == 1:
-                (arguments,) = (str(v) for v in parsed.values())
-        started = time.monotonic()
-        result = self._tools.run(ToolCall(function["name"], arguments=arguments))
-        await asyncio.sleep(result.duration_s)
-        text = result.text
-        if text is None:
-            text = self._frontend.tokenizer.decode(result.token_ids or [])
-        logger.info(
-            "server tool call name=%s duration_s=%.3f result_chars=%d",
-            function["name"],
-            time.monotonic() - started,
-            len(text),
-        )
-        return {
-            "id": call.get("id"),
-            "name": function["name"],
-            "arguments": function.get("arguments"),
-            "result": text,
-            "duration_s": round(time.monotonic() - started, 4),
-        }
-
-    async def _end_own_session(self, session_id: str, turn: Turn | None) -> None:
-        with contextlib.suppress(UnknownSession):
-            await asyncio.to_thread(self._store.delete_session, session_id)
+        self._in_background(forget())
         if turn is not None and turn.instance_id is not None:
             self._end_on_engine(turn.instance_id, session_id)
 
@@ -419,7 +323,7 @@ class Ingress:
         body = result.model_dump()
         if turn.end is None:  # no engine output: nothing to commit
             await self._roll_back(turn)
-            raise _unavailable("the engine returned no end of turn")
+            raise unavailable("the engine returned no end of turn")
         assistant = body["choices"][0].get("message") if turn.chat else None
         await self._commit(turn, assistant)
         if turn.session_id is not None:
@@ -427,25 +331,29 @@ class Ingress:
         body["mars"] = turn.mars_field()
         return body
 
-    async def _relay(self, turn: Turn, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _relay(
+        self,
+        turn: Turn,
+        chunks: AsyncIterator[str],
+        amend: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> AsyncGenerator[str, None]:
         """vLLM's SSE stream, passed through; the turn's message is assembled
-        from its deltas, and the record committed before `[DONE]` (a
-        session's `mars` chunk goes just before it)."""
-        message = _StreamedMessage()
-        settled = False
+        from its deltas. The record is committed as soon as the engine has
+        ended the turn, before the chunk with its finish reason goes out: a
+        client that stops reading there (before `[DONE]`) still finds the
+        turn in the record. A session's `mars` chunk (`amend`ed, if given)
+        goes just before `[DONE]`."""
+        message = sse.StreamedMessage()
+        settled = committed = False
         try:
             async for chunk in chunks:
-                if chunk.startswith("data: [DONE]"):
-                    if settled:
-                        yield chunk
-                        continue
-                    settled = True
-                    if turn.end is not None and turn.failure is None:
-                        await self._commit(turn, message.message() if turn.chat else None)
-                        if turn.session_id is not None:
-                            yield _sse({"id": f"mars-{turn.key}", "choices": [], **_extras(turn)})
-                    else:
-                        await self._roll_back(turn)
+                if sse.is_done(chunk):
+                    if not settled:  # no finish reason came after the turn's end
+                        settled, committed = True, turn.end is not None and turn.failure is None
+                        await self._settle_stream(turn, message, committed=committed)
+                    if committed and turn.session_id is not None:
+                        fields = {"id": f"mars-{turn.key}", "choices": [], **_extras(turn)}
+                        yield sse.event(amend(fields) if amend else fields)
                     yield chunk
                     continue
                 if turn.failure is not None and not settled:
@@ -453,13 +361,26 @@ class Ingress:
                     # the client, who may retry at once, hears of it.
                     settled = True
                     await self._roll_back(turn)
-                message.feed(chunk)
+                payload = sse.parse(chunk)
+                message.feed(payload)
+                if not settled and turn.end is not None and sse.finishes(payload):
+                    settled = committed = True
+                    await self._settle_stream(turn, message, committed=True)
                 yield chunk
         finally:
             self._frontend.turns.remove(turn.key)
             if not settled:  # the client left: the record stays as before the turn
                 self._in_background(self._roll_back(turn))
         self._record_metrics(turn)
+
+    async def _settle_stream(
+        self, turn: Turn, message: sse.StreamedMessage, *, committed: bool
+    ) -> None:
+        """Commit a streamed turn with the message it delivered, or roll it back."""
+        if committed:
+            await self._commit(turn, message.message() if turn.chat else None)
+        else:
+            await self._roll_back(turn)
 
     async def _commit(self, turn: Turn, assistant: dict[str, Any] | None) -> None:
         if turn.session_id is None:
@@ -549,24 +470,6 @@ class Ingress:
             ) from None
 
 
-def _with_tool_results(
-    data: dict[str, Any],
-    message: dict[str, Any],
-    requested: list[dict],
-    results: list[dict],
-    choice: str,
-) -> dict[str, Any]:
-    """The body of the next round, from the client's own body (vLLM's model
-    derives a grammar from `tool_choice` when it validates, so a validated
-    request is not copied): the conversation with the model's calls and
-    their results, and the tool choice `choice` (a required or named choice
-    asked for the call it got)."""
-    call = {"role": "assistant", "content": message.get("content"), "tool_calls": requested}
-    answers = [{"role": "tool", "tool_call_id": r["id"], "content": r["result"]} for r in results]
-    data = {key: value for key, value in data.items() if key != "mars"}
-    return {**data, "messages": [*data["messages"], call, *answers], "tool_choice": choice}
-
-
 def _mars_extension(body: Any, *, chat: bool) -> MarsExtension:
     """Our `mars` field, and a 400 for any field neither vLLM nor we honour."""
     extra = dict(body.model_extra or {})
@@ -635,36 +538,6 @@ def _is_batch(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
 
 
-class _StreamedMessage:
-    """The assistant message a chat stream delivers, assembled from its
-    chunks as a client assembles it (content, tool calls by index)."""
-
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.calls: dict[int, dict[str, Any]] = {}
-
-    def feed(self, chunk: str) -> None:
-        if not chunk.startswith("data: "):
-            return
-        try:
-            payload = json.loads(chunk[6:])
-        except json.JSONDecodeError:
-            return
-        for choice in payload.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self.content.append(delta["content"])
-            for call in delta.get("tool_calls") or ():
-                slot = self.calls.setdefault(call.get("index", 0), {"name": "", "arguments": ""})
-                function = call.get("function") or {}
-                slot["name"] += function.get("name") or ""
-                slot["arguments"] += function.get("arguments") or ""
-
-    def message(self) -> dict[str, Any]:
-        calls = [{"type": "function", "function": self.calls[i]} for i in sorted(self.calls)]
-        return {"role": "assistant", "content": "".join(self.content), "tool_calls": calls}
-
-
 def _extras(turn: Turn) -> dict[str, Any]:
     extras: dict[str, Any] = {"mars": turn.mars_field()}
     if turn.session_id is not None:
@@ -694,15 +567,6 @@ def _plain(result: Any) -> JSONResponse:
     return JSONResponse(result.model_dump())
 
 
-def _unavailable(message: str) -> ApiError:
-    return ApiError(
-        503,
-        message,
-        kind="service_unavailable",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
 def _server_timing(turn: Turn) -> str:
     """A W3C `Server-Timing` header (milliseconds): the time in this ingress,
     the part of it spent awaiting the engine's events, and the engine's
@@ -711,7 +575,3 @@ def _server_timing(turn: Turn) -> str:
     engine_s = turn.end.engine_s if turn.end else 0.0
     parts = {"ingress": ingress_s, "engine_call": turn.engine_wait_s, "engine": engine_s}
     return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts.items())
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"

@@ -127,7 +127,10 @@ class Turn:
     async def run(
         self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Place the turn and stream its outputs from its engine instance."""
+        """Place the turn and stream its outputs from its engine instance;
+        the final output goes on once the turn's `TurnEnd` (sent right
+        after it) is read, so that whoever sees the finish reason can
+        commit the turn to the session's record."""
         decision = await self._place(prompt_token_ids)
         self.instance_id, self.placed = decision.instance_id, decision.reason
         turn = TurnRequest(
@@ -151,6 +154,7 @@ class Turn:
             self.plan.from_record if self.plan else 0,
         )
         waited = time.monotonic()
+        final: RequestOutput | None = None
         try:
             while True:
                 try:
@@ -161,14 +165,24 @@ class Turn:
                         batch = await anext(stream)
                 except StopAsyncIteration:
                     break
+                # Ray hands over a batch that was already waiting without
+                # giving the event loop a turn: yield it one here, or a fast
+                # stream holds up every other request of this ingress
+                # (their chunks, their calls) until it ends.
+                await asyncio.sleep(0)
                 for event in batch:
                     if isinstance(event, TurnOutput):
                         output = event.with_prompt(prompt_token_ids).output
                         if self.first_token_s is None and output.outputs[0].token_ids:
                             self.first_token_s = time.monotonic()
+                        if output.finished:
+                            final = output
+                            continue
                         yield output
                     elif isinstance(event, TurnEnd):
                         self.end = event
+                        if final is not None:
+                            yield final
         except (ValueError, TypeError, VLLMClientError) as exc:  # the engine refused the input
             raise _cause(exc) from None
         except Exception as exc:

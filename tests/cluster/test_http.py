@@ -187,12 +187,61 @@ def test_a_server_side_tool_runs_inside_one_response(server: str, client) -> Non
     ran = stateless.model_extra["mars"]["server_tool_calls"]
     assert ran and {c["name"] for c in ran} == {"calc"}  # the random model may call again
     assert "session_id" not in stateless.model_extra["mars"]
-    import openai
 
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(
-            model=MODEL, messages=history, tools=[CALC], max_tokens=8, stream=True
-        )
+
+def _stream_events(server: str, body: dict, headers: dict | None = None) -> list[str]:
+    """The `data:` payloads of a streamed chat response, in order."""
+    import httpx
+
+    url = f"{server}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_streamed_server_side_tool_streams_every_round_in_one_response(server: str) -> None:
+    """Streamed, the rounds of server-side calls are one SSE response: the
+    calls' progress chunks, then the answer as any stream ends (finish
+    chunk, usage, `mars` chunk, one `[DONE]`); the record has every round."""
+    named = {"type": "function", "function": {"name": "calc"}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "what is 6*7? use calc"}],
+        "tools": [CALC],
+        "tool_choice": named,
+        "max_tokens": 80,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = _stream_events(server, body, {"X-Session-Id": "stream-tool-1"})
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]", events
+    chunks = [json.loads(event) for event in events[:-1]]
+    progress = [i for i, c in enumerate(chunks) if "server_tool_call" in c.get("mars", {})]
+    ran = [chunks[i]["mars"]["server_tool_call"] for i in progress]
+    assert ran and {c["name"] for c in ran} == {"calc"}, events
+    assert {c["result"] for c in ran} <= {"42", "48"}  # evaluated by the server
+    choices = [(i, choice) for i, c in enumerate(chunks) for choice in c["choices"]]
+    assert not [c for _, c in choices if c["delta"].get("tool_calls")]  # the server's calls
+    finishes = [c["finish_reason"] for _, c in choices if c.get("finish_reason")]
+    assert finishes in (["stop"], ["length"]), events  # the last round's only
+    answer = "".join(c["delta"].get("content") or "" for i, c in choices if i > progress[-1])
+    assert answer, events
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert len(usage) == 1 and usage[0]["completion_tokens"] > 0
+    assert chunks[-1]["session_id"] == "stream-tool-1"
+    assert chunks[-1]["mars"]["server_tool_calls"] == ran
+    status, record = _get(f"{server}/v1/sessions/stream-tool-1")
+    assert status == 200 and record["state"] == "paused"
+    assert 2 <= record["turns"] <= len(ran) + 1
+    assert record["tokens"] == usage[0]["prompt_tokens"] + usage[0]["completion_tokens"]
+
+    # Without a session id the rounds run in a session of the response's own.
+    events = _stream_events(server, body)
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]", events
+    mars_chunk = json.loads(events[-2])
+    assert mars_chunk["mars"]["server_tool_calls"] and "session_id" not in mars_chunk
+    assert "session_id" not in mars_chunk["mars"]
 
 
 def test_concurrent_turns_of_one_session_get_one_409(client) -> None:
@@ -234,6 +283,44 @@ def test_a_client_leaving_mid_stream_leaves_its_session_as_before(server: str, c
     assert _get(f"{server}/v1/sessions/leaver-1")[1]["tokens"] == before
     again = _ask(client, "leaver-1", history)  # the retry goes on from there
     assert again.model_extra["mars"]["history"]["matched_messages"] == 2
+
+
+def test_a_client_leaving_after_the_finish_chunk_finds_its_turn_recorded(server: str, client):
+    """The record is committed before the finish chunk goes out: a client
+    that stops reading there, before usage and `[DONE]`, has its turn kept."""
+    import httpx
+
+    history = [{"role": "user", "content": "hello"}]
+    first = _ask(client, "finish-leaver-1", history)
+    history += [first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "user", "content": "and then?"}]
+    body = {
+        "model": MODEL,
+        "messages": history,
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    content = []
+    url = f"{server}/v1/chat/completions"
+    headers = {"X-Session-Id": "finish-leaver-1"}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            content.append(choice["delta"].get("content") or "")
+            if choice.get("finish_reason"):
+                break  # the connection closes here
+    record = _get(f"{server}/v1/sessions/finish-leaver-1")[1]
+    assert record["state"] == "paused" and record["turns"] == 2, record
+    history += [{"role": "assistant", "content": "".join(content)}]
+    history += [{"role": "user", "content": "more"}]
+    third = _ask(client, "finish-leaver-1", history)
+    assert third.model_extra["mars"]["history"]["matched_messages"] == 4
+    assert third.model_extra["mars"]["history"]["diverged_at"] is None
+    assert _get(f"{server}/v1/sessions/finish-leaver-1")[1]["turns"] == 3
 
 
 def test_errors_name_the_field_in_openai_shape(server: str, client) -> None:

@@ -3,6 +3,9 @@ vLLM CPU engines, Redis, and a real SIGKILL of the replica's process."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -29,12 +32,13 @@ def client(tiny_model_dir: Path, redis_url: str, tmp_path_factory):
     config = tmp_path_factory.mktemp("recovery") / "app.yaml"
     config.write_text(
         f"""
-model: {{path: {tiny_model_dir}, name: {MODEL}}}
+model: {{path: {tiny_model_dir}, name: {MODEL}, tool_parser: hermes}}
 engine: {{num_kv_blocks: 64, max_model_len: 1024, max_num_seqs: 16}}
 policy: {{name: mars}}
 instances: 2
 dispatch: {{policy: round_robin}}
 state_store: {{url: "{redis_url}", session_ttl_s: 600}}
+tools: [{{name: calc, kind: calculator}}]
 http: {{port: {port}}}
 """
     )
@@ -132,3 +136,64 @@ def test_a_turn_in_flight_when_its_engine_dies_ends_with_an_error_and_can_be_ret
     again = _retrying(lambda: _turn(client, "inflight", history))
     assert again.model_extra["mars"]["history"]["matched_messages"] == 2
     assert again.model_extra["mars"]["kv"]["rebuilt_from_record"] is True
+
+
+def test_a_streamed_server_side_tool_response_whose_engine_dies_ends_in_band(client) -> None:
+    """The round after a server-side call loses its engine mid-stream: the
+    one SSE response ends with vLLM's in-band 503 and one `[DONE]`, and the
+    record keeps the rounds before it."""
+    import httpx
+
+    calc = {
+        "type": "function",
+        "function": {
+            "name": "calc",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"expression": {"type": "string", "enum": ["6*7"]}},
+                "required": ["expression"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "what is 6*7? use calc"}],
+        "tools": [calc],
+        "tool_choice": {"type": "function", "function": {"name": "calc"}},
+        "max_tokens": 850,  # the answer's round outlasts the kill
+        "temperature": 0,
+        "stream": True,
+    }
+    from bench.openai_conformance import engine_replica_pid
+
+    base = str(client.base_url).rstrip("/")
+    headers = {"X-Session-Id": "tool-victim"}
+    # Both engines' processes, found before the request (each found once it
+    # has started: an earlier test's kill may still be restarting one): the
+    # kill must land within the answer's round, a few seconds on the tiny model.
+    pids = [engine_replica_pid(instance, APP) for instance in ("default-0", "default-1")]
+    events = []
+    with httpx.stream(
+        "POST", f"{base}/chat/completions", json=body, headers=headers, timeout=120
+    ) as response:
+        lines = (line[6:] for line in response.iter_lines() if line.startswith("data: "))
+        for event in lines:
+            events.append(event)
+            if "server_tool_call" in event:
+                break  # the call ran; the answer's round is being placed
+        # Once the answer's round runs on its engine, that engine dies.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            record = httpx.get(f"{base}/sessions/tool-victim", timeout=60).json()
+            if (record.get("engine") or {}).get("phase") == "running":
+                break
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        events += list(lines)
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]", events[-3:]
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 503, error
+    record = httpx.get(f"{base}/sessions/tool-victim", timeout=60).json()
+    assert record["state"] == "paused" and record["turns"] == 1, record  # the call's round
