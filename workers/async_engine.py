@@ -156,16 +156,17 @@ class AsyncMarsEngine:
             engine.shutdown()
 
     def _run_commands(self, engine: MarsEngine, *, block: bool) -> None:
-        """Run the queued commands; with `block` (nothing to step), sleep until
-        one arrives: an idle engine thread takes no CPU and no GIL turns from
-        the replica's event loop."""
-        command = self._commands.get() if block else None
-        while command is not None:
-            command(engine)
+        """Run the queued commands (between two steps of a busy engine: a new
+        turn joins the running batch at the next step); with `block`
+        (nothing to step), sleep until one arrives: an idle engine thread
+        takes no CPU and no GIL turns from the replica's event loop."""
+        while True:
             try:
-                command = self._commands.get_nowait()
+                command = self._commands.get(block=block)
             except queue.Empty:
-                command = None
+                return
+            command(engine)
+            block = False
 
     def _forward(self, events: list[TurnEvent]) -> None:
         """Hand each event to its turn's stream, on its caller's loop: one

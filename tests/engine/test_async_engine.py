@@ -124,6 +124,32 @@ async def _cancelled_calls(model_dir):
         engine.shutdown()
 
 
+async def _busy_engine_takes_new_work(model_dir):
+    engine = AsyncMarsEngine(
+        EngineConfig(
+            model=str(model_dir), num_kv_blocks=64, max_model_len=1024, profile_costs=False
+        )
+    )
+    try:
+        await engine.ready()
+        long = engine.generate(_streamed("long", prompt(30), None, 600))
+        await long.__anext__()  # it runs
+        # A call and a second turn are taken between two steps of the long
+        # turn, not once the engine has nothing left to do.
+        blocks = await engine.call(lambda e: e.scheduler.free_blocks())
+        short, end = await _run(engine, _streamed("short", prompt(20, seed=9), None, 3))
+        running = await engine.call(lambda e: e.scheduler.get_num_unfinished_requests())
+        assert blocks > 0 and len(short) == 3 and end.finish_reason == "length"
+        assert running == 1, "the long turn must still be running"
+        await long.aclose()
+    finally:
+        engine.shutdown()
+
+
+def test_a_busy_engine_takes_calls_and_turns_between_its_steps(tiny_model_dir):
+    asyncio.run(asyncio.wait_for(_busy_engine_takes_new_work(tiny_model_dir), timeout=120))
+
+
 def test_cancelled_calls_and_callers_that_leave_do_not_stop_the_engine(tiny_model_dir):
     # Bounded: an engine thread that died would leave a caller waiting for ever.
     asyncio.run(asyncio.wait_for(_cancelled_calls(tiny_model_dir), timeout=120))
