@@ -57,7 +57,7 @@ class EnginePolicy(ABC):
     """What the engine scheduler asks a policy, and when.
 
     Every method is pure and side-effect free; the engine owns all state
-    (queues, the cached order, the starvation quantum).
+    (queues, the cached order, the waited iterations).
     """
 
     name: ClassVar[str]
@@ -138,21 +138,6 @@ class EnginePolicy(ABC):
         DISCARD and SWAP by INFERCEPT's waste.
         """
         return choose_strategy(view, batch, cost, allowed=_RELEASES).strategy
-
-    def starving(self, waiting: Sequence[RequestView] | RequestColumns) -> list[str]:
-        """Ids that `order` promoted to the front for starving, longest-waiting first.
-
-        Called by the engine scheduler with the same `waiting` as `order`, to
-        learn which requests to hold at the front for `quantum_iterations`
-        iterations (the quantum needs state across iterations, which the
-        engine keeps). Default: none (no starvation guard).
-        """
-        return []
-
-    @property
-    def quantum_iterations(self) -> int:
-        """Iterations a promoted starving request keeps the front; 0: no guard."""
-        return 0
 
     @classmethod
     def from_params(cls, **params: Any) -> EnginePolicy:
@@ -313,16 +298,6 @@ class MarsPolicy(EnginePolicy):
         if flat:
             params["starvation"] = StarvationConfig(**flat)
         return cls(**params)
-
-    def starving(self, waiting: Sequence[RequestView] | RequestColumns) -> list[str]:
-        """Requests past `starvation.threshold_iterations` (see `policies.starvation`)."""
-        columns = RequestColumns.of(waiting)
-        return columns.ids_at(starving_positions(columns, self.starvation))
-
-    @property
-    def quantum_iterations(self) -> int:
-        """`starvation.quantum_iterations`: how long the engine holds a promoted request."""
-        return self.starvation.quantum_iterations
 
     def score(self, view: RequestView, batch: BatchView, cost: CostModel) -> float:
         """Memory over time under the strategy the request would get at its next pause."""

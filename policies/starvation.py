@@ -5,11 +5,10 @@ small ones keep arriving. As in the MARS reference code, a request whose
 `waited_iterations` reaches `threshold_iterations` is *starving* and goes to
 the front of the admission order.
 
-The quantum is enforced by the caller (the engine scheduler), because it
-needs state across iterations that a pure function does not keep: once a
-starving request is promoted, the engine keeps it at the front for
-`quantum_iterations` iterations (even though its `waited_iterations` resets
-when it runs), then returns it to its ranked place.
+The reference code also keeps a promoted request at the front for a
+quantum of iterations, because it re-ranks running requests too. vLLM's
+scheduler ranks only the waiting queue: once admitted, a request runs until
+it finishes or memory runs out, so there is no quantum to keep.
 """
 
 from __future__ import annotations
@@ -32,12 +31,10 @@ def _check_positive_int(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class StarvationConfig:
-    """When a waiting request counts as starving, and for how long it is promoted."""
+    """When a waiting request counts as starving."""
 
     threshold_iterations: int = 100
     """Scheduler iterations of waiting after which a request is starving (paper: 100)."""
-    quantum_iterations: int = 10
-    """Iterations a promoted request keeps its place at the front (engine-enforced)."""
     count_only_after_first_run: bool = True
     """Only requests that have run once can starve (the reference code's rule): a
     new request has no decode progress to lose, and counting it would let a
@@ -45,7 +42,6 @@ class StarvationConfig:
 
     def __post_init__(self) -> None:
         _check_positive_int("threshold_iterations", self.threshold_iterations)
-        _check_positive_int("quantum_iterations", self.quantum_iterations)
         if not isinstance(self.count_only_after_first_run, bool):
             raise ValueError(
                 "count_only_after_first_run must be a bool, "

@@ -43,9 +43,9 @@ def test_time_breakdown_splits_queued_running_and_held() -> None:
 
 def test_policy_entries_carry_parameters() -> None:
     assert policy_settings("vllm") == {"policy": "vllm", "policy_params": {}}
-    assert policy_settings("mars:threshold_iterations=1000,quantum_iterations=5") == {
+    assert policy_settings("mars:threshold_iterations=1000,rerank_every=5") == {
         "policy": "mars",
-        "policy_params": {"threshold_iterations": 1000, "quantum_iterations": 5},
+        "policy_params": {"threshold_iterations": 1000, "rerank_every": 5},
     }
     with pytest.raises(ValueError, match="key=value"):
         policy_settings("mars:threshold_iterations")
