@@ -38,16 +38,15 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.generated_workload import TOOL_KINDS, workload_source
 from bench.workload import (
     TraceRequest,
     arrivals,
     build_workload,
-    load_trace,
     prompt_token_ids,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT / "bench" / "data" / "infercept"
 DEFAULT_POLICIES = ("vllm", "infercept", "sjf", "mars")
 BLOCK_SIZE = 32
 MODEL_MAX_POSITIONS = 4096
@@ -145,14 +144,38 @@ def _engine_request(request: TraceRequest, index: int):
         call = None
         if seg.api_time_s is not None:
             call = ToolCall(
-                tool="emulated", duration_s=seg.api_time_s, return_tokens=seg.api_return_tokens
+                tool=seg.tool or "emulated",
+                duration_s=seg.api_time_s,
+                return_tokens=seg.api_return_tokens,
             )
         segments.append(Segment(generate_tokens=seg.completion_tokens, call=call))
+    shared = request.shared_prefix_tokens
+    prompt = [
+        *prompt_token_ids(shared, salt=SHARED_PREFIX_SALT),
+        *prompt_token_ids(request.prompt_tokens - shared, salt=index),
+    ]
     return AugmentedRequest(
         request_id=f"{index:04d}-{request.request_id}",
-        prompt_token_ids=prompt_token_ids(request.prompt_tokens, salt=index),
+        prompt_token_ids=prompt,
         segments=segments,
     )
+
+
+SHARED_PREFIX_SALT = 10_000
+"""The salt of the prompt tokens every request of a workload shares (its
+system prompt); each request's own tokens are salted with its index."""
+
+
+def bench_tools():
+    """The engine's tools: the built-in ones, and each generated workload's
+    tool kind by its name (emulated: the call's own duration and result
+    size), so that the online predictor learns each kind apart."""
+    from workers.tools import default_registry, emulated_tool
+
+    registry = default_registry()
+    for kind in TOOL_KINDS:
+        registry.register(kind.name, emulated_tool)
+    return registry
 
 
 def replay(spec: RunSpec) -> dict:
@@ -176,7 +199,7 @@ def replay(spec: RunSpec) -> dict:
         ),
         profile_costs=spec.cost is None,
     )
-    engine = MarsEngine(config)
+    engine = MarsEngine(config, bench_tools())
     startup_s = time.monotonic() - started
     plans = [_engine_request(r, i) for i, r in enumerate(spec.requests)]
     scheduler = engine.scheduler
@@ -272,6 +295,9 @@ def replay(spec: RunSpec) -> dict:
         "held_mean_s": spent["held"] / len(plans),
         "max_submit_lag_s": max(lags) if lags else 0.0,
         "engine_steps": steps,
+        # The online predictor's error so far, per tool (mean absolute error
+        # of the API duration and of the tokens before each call).
+        "predictor_error": scheduler.predictor_report(),
         "replay_s": replay_s,
         "startup_s": startup_s,
         "token_scale": spec.token_scale,
@@ -659,7 +685,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def policy_settings(spec: str) -> dict:
     """`SchedulerSettings` fields of a `--policies` entry: a policy name,
     optionally with parameters, as in ``mars:threshold_iterations=1000``
-    (integers and floats are converted)."""
+    (integers, floats and true/false are converted)."""
     name, _, rest = spec.partition(":")
     params = {}
     for item in filter(None, rest.split(",")):
@@ -670,20 +696,15 @@ def policy_settings(spec: str) -> dict:
     return {"policy": name, "policy_params": params}
 
 
-def _number(text: str) -> int | float | str:
+def _number(text: str) -> bool | int | float | str:
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
     return text
-
-
-def _trace_path(name: str) -> tuple[str, Path]:
-    path = Path(name)
-    if path.suffix == ".json" and path.exists():
-        return path.stem, path
-    return name, DATA_DIR / f"{name}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -707,13 +728,13 @@ def main(argv: list[str] | None = None) -> int:
     limit = min(usable_tokens, MODEL_MAX_POSITIONS) - BLOCK_SIZE
     prefix = "quick" if args.quick else "engine"
     for trace in args.traces:
-        name, path = _trace_path(trace)
-        trace_requests = load_trace(path, count_tokens)
         workloads: dict[int, list[TraceRequest]] = {}
         for seed in args.seeds:
-            # `dropped` is the same for every seed: the drop comes before sampling.
+            name, source = workload_source(trace, seed, count_tokens)
+            # A trace's `dropped` is the same for every seed (the drop comes
+            # before sampling); a generated workload's, of its last seed.
             workloads[seed], dropped = build_workload(
-                trace_requests,
+                source,
                 token_scale=args.token_scale,
                 api_scale=args.api_scale,
                 max_requests=args.max_requests,

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from bench.workload import TraceRequest, TraceSegment
+from bench.workload import TraceRequest, TraceSegment, load_trace
 
 GENERATED_WORKLOADS = ("agent_mix",)
 """The generated workloads the benchmarks know by name."""
+GENERATED_POOL = 400
+"""Sessions a generated workload draws before sampling (as many as a trace holds)."""
+TRACE_DIR = Path(__file__).resolve().parent / "data" / "infercept"
 
 
 @dataclass(frozen=True)
@@ -99,3 +104,18 @@ def generate_sessions(n: int, seed: int, mix: AgentMix | None = None) -> list[Tr
     rng = random.Random(f"agent_mix:{seed}")
     mix = mix or AgentMix()
     return [generate_session(rng, f"agent-{i:04d}", mix) for i in range(n)]
+
+
+def workload_source(
+    name: str, seed: int, count_tokens: Callable[[str], int] | None = None
+) -> tuple[str, list[TraceRequest]]:
+    """(name, requests) of a workload the benchmarks replay: a generated one
+    (`GENERATED_WORKLOADS`, its sessions drawn with `seed`), an INFERCEPT
+    trace by name (`bench/data/infercept/<name>.json`), or a trace file
+    (a .json path; its text-form segments counted with `count_tokens`)."""
+    if name in GENERATED_WORKLOADS:
+        return name, generate_sessions(GENERATED_POOL, seed)
+    path = Path(name)
+    if path.suffix == ".json" and path.exists():
+        return path.stem, load_trace(path, count_tokens)
+    return name, load_trace(TRACE_DIR / f"{name}.json", count_tokens)

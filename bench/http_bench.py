@@ -74,11 +74,10 @@ from bench.engine_bench import (
     REQUIRED_KEYS,
     _mean,
     _percentile,
-    _trace_path,
     machine_description,
 )
-from bench.generated_workload import GENERATED_WORKLOADS, generate_sessions
-from bench.workload import TraceRequest, arrivals, build_workload, load_trace
+from bench.generated_workload import workload_source
+from bench.workload import TraceRequest, arrivals, build_workload
 from cluster.config import ServingConfig, load_serving_config
 from cluster.ports import free_port
 from cluster.serve_env import serve_env
@@ -830,22 +829,6 @@ class Workload:
     plans: list[list[Turn]]
     dropped: int
     max_model_len: int
-
-
-GENERATED_POOL = 400
-"""Sessions a generated workload draws before sampling (as many as a trace holds)."""
-
-
-def workload_source(
-    name: str, seed: int, count: Callable[[str], int]
-) -> tuple[str, list[TraceRequest]]:
-    """(name, requests) of a trace (a name under `bench/data/infercept` or a
-    .json path) or of a generated workload (`GENERATED_WORKLOADS`), whose
-    sessions are drawn with `seed`."""
-    if name in GENERATED_WORKLOADS:
-        return name, generate_sessions(GENERATED_POOL, seed)
-    trace_name, path = _trace_path(name)
-    return trace_name, load_trace(path, count)
 
 
 def build_trace_workload(

@@ -53,7 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.engine_bench import REPO_ROOT, _mean, _percentile, machine_description
+from bench.engine_bench import (
+    REPO_ROOT,
+    _mean,
+    _percentile,
+    machine_description,
+    policy_settings,
+)
 from bench.generated_workload import GENERATED_WORKLOADS
 from bench.http_bench import (
     DEFAULT_SERVE_CONFIG,
@@ -259,14 +265,16 @@ async def replay_spread(
 
 # ------------------------------------------------------------ mars-serve
 def mars_config(
-    base: ServingConfig, policy: str, shape: EngineShape, redis_url: str, port: int, args
+    base: ServingConfig, system: str, shape: EngineShape, redis_url: str, port: int, args
 ) -> ServingConfig:
-    """The serving config mars-serve runs under: `base` with the engine
-    shape, the engine policy, MARS-aware placement and the benchmark's
-    Redis and port."""
+    """The serving config mars-serve runs under as `system`
+    (``mars-serve:<policy>[:key=value,...]``): `base` with the engine shape,
+    the engine policy and its parameters (over the base's, for the same
+    policy), MARS-aware placement and the benchmark's Redis and port."""
+    settings = policy_settings(system.removeprefix(MARS_PREFIX))
     config = serving_config(
         base,
-        BenchConfig("mars_aware", policy),
+        BenchConfig("mars_aware", settings["policy"]),
         instances=args.instances,
         kv_blocks=shape.kv_blocks,
         max_model_len=shape.max_model_len,
@@ -279,6 +287,7 @@ def mars_config(
     data["engine"].update(
         max_num_batched_tokens=shape.max_num_batched_tokens, max_num_seqs=shape.max_num_seqs
     )
+    data["policy"]["params"] = {**data["policy"]["params"], **settings["policy_params"]}
     return ServingConfig.model_validate(data)
 
 
@@ -492,7 +501,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--systems",
         nargs="+",
         default=list(DEFAULT_SYSTEMS),
-        help=f"{STOCK} or {MARS_PREFIX}<engine policy>",
+        help=f"{STOCK} or {MARS_PREFIX}<engine policy>[:key=value,...] (policy parameters)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--load", type=float, default=6.0, help="session arrivals per second")
@@ -536,7 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from policies import engine_policy_names
 
     for system in args.systems:
-        policy = system.removeprefix(MARS_PREFIX)
+        policy = system.removeprefix(MARS_PREFIX).partition(":")[0]
         if system != STOCK and (
             not system.startswith(MARS_PREFIX) or policy not in engine_policy_names()
         ):
@@ -640,8 +649,7 @@ def _run_system(system, workload, offsets, shape, base, redis_url, tmp: Path, ar
             with stock_vllm_servers(shape, args.instances, tmp) as urls:
                 outcomes, replay_s = asyncio.run(replay_spread(urls, workload, offsets, args))
         else:
-            policy = system.removeprefix(MARS_PREFIX)
-            config = mars_config(base, policy, shape, redis_url, free_port(), args)
+            config = mars_config(base, system, shape, redis_url, free_port(), args)
             with ray_serve(config.http.port, logical_cpus(config)):
                 outcomes, replay_s = asyncio.run(run_mars(config, workload, offsets, args, system))
     except Exception as exc:  # one system's failure is its row, not the run's end

@@ -50,3 +50,15 @@ def test_scaling_keeps_the_tools_and_scales_the_shared_prefix() -> None:
 def test_a_bad_count_is_refused() -> None:
     with pytest.raises(ValueError, match="n must be a positive integer"):
         generate_sessions(0, seed=0)
+
+
+def test_workload_source_knows_generated_workloads_and_traces() -> None:
+    from bench.generated_workload import GENERATED_POOL, workload_source
+
+    name, sessions = workload_source("agent_mix", seed=2)
+    assert name == "agent_mix" and sessions == generate_sessions(GENERATED_POOL, seed=2)
+    name, requests = workload_source(
+        "multi_api", seed=2, count_tokens=lambda text: len(text.split())
+    )
+    assert name == "multi_api" and len(requests) == 397
+    assert all(r.shared_prefix_tokens == 0 for r in requests)

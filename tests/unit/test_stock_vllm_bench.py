@@ -104,3 +104,19 @@ def test_parse_args_names_a_bad_system(capsys) -> None:
     assert "mars-serve:fastest" in capsys.readouterr().err
     args = parse_args(["--quick"])
     assert args.workloads == ["agent_mix"] and args.seeds == [0]
+
+
+def test_a_mars_system_carries_its_policy_parameters() -> None:
+    from bench.stock_vllm import mars_config
+    from cluster.config import load_serving_config
+
+    args = parse_args(["--quick"])
+    base = load_serving_config("configs/serve/local-cpu-tiny.yaml")
+    system = "mars-serve:mars:count_only_after_first_run=false,threshold_iterations=50"
+    config = mars_config(base, system, SHAPE, "redis://127.0.0.1:1/0", 8123, args)
+    assert config.policy.name == "mars"
+    assert config.policy.params == {"threshold_iterations": 50, "count_only_after_first_run": False}
+    assert (config.engine.num_kv_blocks, config.engine.max_num_batched_tokens) == (40, 2048)
+    assert config.instances == 1 and config.dispatch.policy == "mars_aware"
+    other = mars_config(base, "mars-serve:infercept", SHAPE, "redis://127.0.0.1:1/0", 8123, args)
+    assert other.policy.params == {}  # the base's params are MARS's
