@@ -6,7 +6,7 @@ MODEL  := models/tiny
 SMOLLM2 := models/smollm2
 
 .PHONY: install model model-smollm2 up down demo test lint bench-engine bench-http \
-	bench-overhead conformance clean
+	bench-stock bench-overhead conformance clean
 
 # Everything the project needs, into .venv (re-run is cheap: pip skips what is there).
 install: $(VENV)/.installed
@@ -63,6 +63,14 @@ bench-engine: model
 # ingress overhead probe (~17 min on 2 CPUs; `--quick` for a few minutes).
 bench-http: model
 	$(PY) -m bench.http_bench --traces multi_api --loads 4 8 16 --max-requests 48 --no-progress
+
+# Side by side with stock vLLM's OpenAI server (started by the benchmark, same
+# model and engine shape): both INFERCEPT traces and the generated agent_mix,
+# five seeds, stock vLLM and mars-serve (~75 min on 2 CPUs; nothing else may
+# run meanwhile; `--quick` for a few minutes).
+bench-stock: model
+	$(PY) -m bench.stock_vllm --workloads multi_api single_api agent_mix --seeds 0 1 2 3 4 \
+		--load 16 --max-requests 96 --kv-blocks 40 --no-progress
 
 # OpenAI conformance, side by side with vLLM's own server on SmolLM2
 # (~10 min on 2 CPUs); writes docs/results/openai_conformance.json.

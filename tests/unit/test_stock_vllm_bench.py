@@ -120,3 +120,26 @@ def test_a_mars_system_carries_its_policy_parameters() -> None:
     assert config.instances == 1 and config.dispatch.policy == "mars_aware"
     other = mars_config(base, "mars-serve:infercept", SHAPE, "redis://127.0.0.1:1/0", 8123, args)
     assert other.policy.params == {}  # the base's params are MARS's
+
+
+def test_the_latency_report_compares_mars_serve_with_stock() -> None:
+    from bench.stock_latency import MARS, compare, format_report
+
+    def system(ttft_ms: float, itl_ms: float, rate: float) -> dict:
+        seq = {
+            "ttft_median_ms": ttft_ms,
+            "ttft_mean_ms": ttft_ms,
+            "ttft_p90_ms": ttft_ms,
+            "itl_median_ms": itl_ms,
+            "itl_mean_ms": itl_ms,
+            "itl_p99_ms": itl_ms,
+        }
+        return {"sequential": {"100": seq}, "batches": {"8": {"decode_tokens_per_s": rate}}}
+
+    results = {STOCK: system(10.0, 2.0, 400.0), MARS: system(14.0, 2.2, 380.0)}
+    c = compare(results)
+    assert c["ttft_median_diff_ms"] == {"100": pytest.approx(4.0)}
+    assert c["itl_median_ratio"] == {"100": pytest.approx(1.1)}
+    assert c["decode_ratio"] == {"8": pytest.approx(0.95)}
+    text = format_report({"systems": results, "comparison": c})
+    assert "decode tokens/s: 8: 0.95" in text
