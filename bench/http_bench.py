@@ -502,11 +502,15 @@ async def run_session(
 
 def _client_session() -> Any:
     """An aiohttp session with no connection cap (every session may have a
-    turn in flight) and no overall timeout (`--max-seconds` bounds a replay)."""
+    turn in flight) and no overall timeout (`--max-seconds` bounds a replay).
+    Every request on a connection of its own: a pooled connection that the
+    server closes as idle (uvicorn after 5 s, longer than many API calls)
+    while the client reuses it fails the turn with "Server disconnected",
+    a failure of the benchmark's client, not of the server."""
     import aiohttp
 
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
     )
 
