@@ -846,9 +846,11 @@ def build_trace_workload(
 
     name, source = workload_source(trace, args.seed, count)
     # The longest context a session may reach: what one instance's KV holds
-    # and the model allows, minus headroom for the closing chunk and the
-    # start token the ingress adds.
-    limit = min(args.kv_blocks * BLOCK_SIZE, MODEL_MAX_POSITIONS) - BLOCK_SIZE - 1
+    # (vLLM keeps one block of the pool as its null block) and the model
+    # allows, minus headroom for the closing chunk and the start token the
+    # ingress adds.
+    usable = (args.kv_blocks - 1) * BLOCK_SIZE
+    limit = min(usable, MODEL_MAX_POSITIONS) - BLOCK_SIZE - 1
     requests, dropped = build_workload(
         source,
         token_scale=args.token_scale,
@@ -867,7 +869,7 @@ def build_trace_workload(
     ]
     longest = max(r.total_tokens for r in requests) + 1
     max_model_len = min(
-        MODEL_MAX_POSITIONS, math.ceil((longest + BLOCK_SIZE) / BLOCK_SIZE) * BLOCK_SIZE
+        MODEL_MAX_POSITIONS, usable, math.ceil((longest + BLOCK_SIZE) / BLOCK_SIZE) * BLOCK_SIZE
     )
     return Workload(name, requests, plans, dropped, max_model_len)
 

@@ -384,6 +384,14 @@ def error_row(workload: Workload, seed: int, load: float, system: str, instances
     }
 
 
+def merge_rows(kept: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict]:
+    """`kept` rows, less those whose (seed, system) a `new` row has, then
+    `new`, ordered by seed (then as they came)."""
+    replaced = {(r["seed"], r["system"]) for r in new}
+    rows = [r for r in kept if (r["seed"], r["system"]) not in replaced] + list(new)
+    return sorted(rows, key=lambda r: r["seed"])
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per workload and system: the mean over seeds of each latency, its
     spread, and the ratio to stock vLLM's mean E2E in the same seed."""
@@ -538,6 +546,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=600.0, help="cap per replay")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "results"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="keep the workload files' rows of other seeds and systems (rerun some of them)",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="run nothing: summary and plot from the files"
+    )
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -586,11 +602,41 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = "quick_stock_vllm" if args.quick else "stock_vllm"
-    all_rows: list[dict[str, Any]] = []
+    paths = [out_dir / f"{prefix}_{_file_name(name)}.json" for name in args.workloads]
+    if not args.report_only:
+        _run_all(args, base, tokenizer, words, paths)
+    all_rows = [row for path in paths if path.exists() for row in _read_rows(path)]
+    if not all_rows:
+        print(f"no rows in {[str(p) for p in paths]}", file=sys.stderr)
+        return 1
+    summary = summarize(all_rows)
+    _write_json(out_dir / f"{prefix}_summary.json", summary)
+    print(f"\n{format_summary(summary)}")
+    png = out_dir / f"{prefix}.png"
+    seeds = sorted({row["seed"] for row in all_rows})
+    plot(
+        all_rows,
+        png,
+        f"stock vLLM vs mars-serve: {args.instances} instance(s) x "
+        f"{args.kv_blocks} KV blocks, {args.load:g} sessions/s, {args.max_requests} sessions, "
+        f"seeds {seeds}",
+    )
+    print(f"wrote {out_dir}/{prefix}_*.json and {png}", flush=True)
+    return 0
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _run_all(args, base, tokenizer, words, paths: list[Path]) -> None:
+    """Every workload, seed and system; each workload's rows written to its
+    file after every run (with `--replace`, over the file's rows of the same
+    seed and system, the others kept)."""
     with redis_server(None) as redis_url, tempfile.TemporaryDirectory(prefix="stock-vllm-") as tmp:
-        for workload_name in args.workloads:
+        for workload_name, json_path in zip(args.workloads, paths, strict=True):
+            kept = _read_rows(json_path) if args.replace and json_path.exists() else []
             rows: list[dict[str, Any]] = []
-            json_path = out_dir / f"{prefix}_{_file_name(workload_name)}.json"
             for seed in args.seeds:
                 run_args = argparse.Namespace(**{**vars(args), "seed": seed})
                 workload = build_trace_workload(workload_name, run_args, tokenizer, words)
@@ -625,21 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"  ERROR {row['error']}" if row.get("error") else ""),
                         flush=True,
                     )
-                    _write_json(json_path, rows)
-            all_rows.extend(rows)
-    summary = summarize(all_rows)
-    _write_json(out_dir / f"{prefix}_summary.json", summary)
-    print(f"\n{format_summary(summary)}")
-    png = out_dir / f"{prefix}.png"
-    plot(
-        all_rows,
-        png,
-        f"stock vLLM vs mars-serve: {args.instances} instance(s) x "
-        f"{args.kv_blocks} KV blocks, {args.load:g} sessions/s, {args.max_requests} sessions, "
-        f"seeds {args.seeds}",
-    )
-    print(f"wrote {out_dir}/{prefix}_*.json and {png}", flush=True)
-    return 0
+                    _write_json(json_path, merge_rows(kept, rows))
 
 
 def _run_system(system, workload, offsets, shape, base, redis_url, tmp: Path, args) -> dict:

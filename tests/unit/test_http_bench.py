@@ -339,3 +339,27 @@ def test_parse_args_quick_and_errors(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--configs", "nearest:mars"])
     assert "unknown dispatch 'nearest'" in capsys.readouterr().err
+
+
+class _WordTokenizer:
+    """One token per whitespace-separated word; a start token."""
+
+    bos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [len(word) for word in text.split()]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_a_workload_fits_the_kv_that_vllm_can_use(seed: int) -> None:
+    import argparse
+
+    from bench.http_bench import build_trace_workload
+
+    args = argparse.Namespace(
+        kv_blocks=40, token_scale=0.25, api_scale=0.1, max_requests=96, seed=seed
+    )
+    workload = build_trace_workload("multi_api", args, _WordTokenizer(), WORDS)
+    usable = 39 * 32  # vLLM keeps one block of the 40 as its null block
+    assert workload.max_model_len <= usable
+    assert max(r.total_tokens for r in workload.requests) + 1 < workload.max_model_len

@@ -143,3 +143,20 @@ def test_the_latency_report_compares_mars_serve_with_stock() -> None:
     assert c["decode_ratio"] == {"8": pytest.approx(0.95)}
     text = format_report({"systems": results, "comparison": c})
     assert "decode tokens/s: 8: 0.95" in text
+
+
+def test_rerun_rows_replace_those_of_the_same_seed_and_system() -> None:
+    from bench.stock_vllm import merge_rows
+
+    kept = [
+        {"seed": 0, "system": STOCK, "v": "old"},
+        {"seed": 3, "system": STOCK, "v": "failed"},
+        {"seed": 3, "system": "mars-serve:mars", "v": "failed"},
+    ]
+    new = [{"seed": 3, "system": STOCK, "v": "new"}]
+    merged = merge_rows(kept, new)
+    assert [(r["seed"], r["system"], r["v"]) for r in merged] == [
+        (0, STOCK, "old"),
+        (3, "mars-serve:mars", "failed"),
+        (3, STOCK, "new"),
+    ]
