@@ -203,15 +203,30 @@ http: {{port: {port}}}
             ray.shutdown()
 
 
-def engine_replica_pid(instance_id: str, app: str = "conformance") -> int:
-    """The process id of the engine replica of `instance_id` in the Serve
-    application `app`, asked of the replica actor itself."""
+def engine_replica_pid(instance_id: str, app: str = "conformance", timeout_s: float = 120.0) -> int:
+    """The process id of the live engine replica of `instance_id` in the Serve
+    application `app`, asked of the replica actor itself. A replica killed
+    just before is being replaced by Serve: its actor is gone from the names
+    or dead for a while, so this waits (up to `timeout_s`) for one that answers."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     wanted = f"{app}#engine-{instance_id}#"
-    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if wanted in a["name"]]
-    replica = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    return ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        named = [a for a in ray.util.list_named_actors(all_namespaces=True) if wanted in a["name"]]
+        if len(named) == 1:
+            replica = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+            try:
+                return ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+            except (RayActorError, GetTimeoutError):
+                pass  # the dead one, not yet replaced
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no live engine replica of {instance_id!r} in app {app!r} after {timeout_s} s "
+                f"(named actors matching: {[a['name'] for a in named]})"
+            )
+        time.sleep(0.5)  # Serve's controller replaces a replica in seconds
 
 
 def kill_engine_replica(instance_id: str, app: str = "conformance") -> int:

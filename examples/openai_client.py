@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=2)
     model = args.model or client.models.list().data[0].id
 
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    question = [{"role": "user", "content": "Name the capital city of France."}]
     reply = client.chat.completions.create(
         model=model, messages=question, max_tokens=32, temperature=0
     )

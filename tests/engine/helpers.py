@@ -58,20 +58,6 @@ def parked_blocks(engine: MarsEngine, session_id: str) -> list[int]:
     return list(block_ids)
 
 
-def values_of(engine: MarsEngine, session_id: str, num_tokens: int) -> torch.Tensor:
-    """Per-token V vectors of the first `num_tokens` tokens: [layers, tokens, heads, dim].
-
-    vLLM's CPU attention stores each block as a K region then a V region of
-    slots x head_dim per head; V is token-major, K is packed across slots by
-    the kernel, so K is compared block by block (`kv_blocks`) instead.
-    """
-    blocks = kv_blocks(engine, session_id)
-    layers, num_blocks, heads, slots, content = blocks.shape
-    regions = blocks.reshape(layers, num_blocks, heads, 2, slots, content // 2)
-    values = regions[:, :, :, 1].permute(0, 1, 3, 2, 4)  # [L, blocks, slots, heads, dim]
-    return values.reshape(layers, num_blocks * slots, heads, content // 2)[:, :num_tokens]
-
-
 def prompt(n: int, seed: int = 0) -> list[int]:
     return [10 + (seed * 31 + 7 * i) % 390 for i in range(n)]
 

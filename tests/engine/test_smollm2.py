@@ -47,6 +47,13 @@ TOOL_CALL_SCHEMA = {
     "additionalProperties": False,
 }
 
+# Greedy decoding is only as stable across CPUs as its closest call: asked "What
+# is the capital of France?", the first token's top two ('The', 'L') are 0.12
+# nat apart, and a CPU with other bf16 kernels answered "L'Étoile, la
+# Marseillaise, ...". This wording's closest call on the way to "Paris" is
+# 0.87 nat ('The' over the next).
+QUESTION = "Name the capital city of France."
+
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 _VLLM_CHECK = textwrap.dedent(
@@ -59,12 +66,13 @@ _VLLM_CHECK = textwrap.dedent(
         from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
         model, tool, schema = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+        asked = sys.argv[4]
         started = time.perf_counter()
         llm = LLM(model=model, max_model_len=2048, block_size=32, enforce_eager=True,
                   kv_cache_memory_bytes=64 * 2**20, seed=0)
         init_s = time.perf_counter() - started
 
-        question = [{"role": "user", "content": "What is the capital of France?"}]
+        question = [{"role": "user", "content": asked}]
         answer = llm.chat(question, SamplingParams(max_tokens=48, temperature=0))[0]
 
         ask = [{"role": "user", "content": "What is 17 + 25? Use the calculator."}]
@@ -102,7 +110,7 @@ def test_vllm_answers_and_calls_the_calculator(smollm2_model_dir: Path) -> None:
     # In-process engine core in a child process, as for the tiny model: fewer
     # processes to start on 2 cores, and vLLM's state stays out of pytest.
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    argv = [str(smollm2_model_dir), json.dumps(CALCULATOR), json.dumps(TOOL_CALL_SCHEMA)]
+    argv = [str(smollm2_model_dir), json.dumps(CALCULATOR), json.dumps(TOOL_CALL_SCHEMA), QUESTION]
     proc = subprocess.run(
         [sys.executable, "-c", _VLLM_CHECK, *argv],
         capture_output=True,
@@ -119,7 +127,7 @@ def test_vllm_answers_and_calls_the_calculator(smollm2_model_dir: Path) -> None:
     # and no BOS of the tokenizer's before it (<|im_start|> is id 1, once a turn).
     assert result["answer_prompt"] == (
         f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
     )
     assert result["answer_prompt_ids"][0] == 1 and result["answer_prompt_ids"].count(1) == 3
     assert "Paris" in result["answer"], result["answer"]

@@ -21,7 +21,6 @@ from tests.engine.helpers import (
     run_turns,
     step_until,
     turn,
-    values_of,
 )
 from workers.hints import SegmentHints
 from workers.turns import SessionAction, TurnEnd
@@ -122,7 +121,6 @@ def test_discard_frees_the_blocks_and_the_next_turn_recomputes_once_they_are_gon
         assert blocks == 4 and 90.0 < remaining_s <= LONG_CALL.api_s
         assert InstanceLoad(instance_id="i", **snapshot).paused_returns == ((remaining_s, 4),)
         preserved_kv = kv_blocks(engine, kept)[:, :FULL_BLOCKS]
-        preserved_values = values_of(engine, kept, KEPT)
 
         _evict_free_cached_blocks(engine)
         engine.add_turn(turn("probe", next_context(first[discarded], NEW_TOKENS), discarded))
@@ -134,9 +132,11 @@ def test_discard_frees_the_blocks_and_the_next_turn_recomputes_once_they_are_gon
         assert second[discarded].kv.recomputed_tokens == KEPT
         assert engine.record(discarded).recomputed_tokens == KEPT
         assert second[kept].kv.cached_tokens == FULL_BLOCKS * 32
-        # The kept session's KV was not disturbed by the other's recompute.
+        # The kept session's KV was not disturbed by the other's recompute. Its
+        # partial block is recomputed by its own second turn (vLLM hits full
+        # blocks only), and a recompute in another batch shape is bit-equal on
+        # some CPUs only (another CI machine's bf16 kernels moved a value by 0.55).
         torch.testing.assert_close(kv_blocks(engine, kept)[:, :FULL_BLOCKS], preserved_kv)
-        torch.testing.assert_close(values_of(engine, kept, KEPT), preserved_values)
         twin = _twin_continuation(engine, first[discarded])
         assert second[discarded].output_token_ids == twin  # temperature 0
 
