@@ -70,7 +70,8 @@ bench-http: model
 # run meanwhile; `--quick` for a few minutes).
 bench-stock: model
 	$(PY) -m bench.stock_vllm --workloads multi_api single_api agent_mix --seeds 0 1 2 3 4 \
-		--load 16 --max-requests 96 --kv-blocks 40 --no-progress
+		--load 16 --max-requests 96 --kv-blocks 40 --no-progress \
+		--systems stock_vllm mars-serve:mars mars-serve:mars:count_only_after_first_run=false
 
 # OpenAI conformance, side by side with vLLM's own server on SmolLM2
 # (~10 min on 2 CPUs); writes docs/results/openai_conformance.json.

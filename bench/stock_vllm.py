@@ -23,7 +23,7 @@ a freshly started server (nothing else of ours runs meanwhile).
 
     python -m bench.stock_vllm --quick
     python -m bench.stock_vllm --workloads multi_api single_api agent_mix \\
-        --seeds 0 1 2 3 4 --load 6 --max-requests 96 --kv-blocks 40
+        --seeds 0 1 2 3 4 --load 16 --max-requests 96 --kv-blocks 40
 
 Writes `docs/results/stock_vllm_<workload>.json` (one row per workload, seed
 and system, with the keys of `ROW_KEYS` first), `stock_vllm_summary.json`
