@@ -132,6 +132,61 @@ async def _decode_batches(url: str, model: str, args: argparse.Namespace, second
     return tokens / (time.monotonic() - started)
 
 
+def _py_spy(pid: int, raw: Path, seconds: float) -> subprocess.Popen:
+    """py-spy sampling `pid` for `seconds` (200 Hz, raw stacks into `raw`)."""
+    return subprocess.Popen(
+        [
+            PY_SPY,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "-o",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds so far (user + system), by pid, with its title."""
+    import psutil
+
+    seen: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            times = proc.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        title = " ".join(proc.info["cmdline"] or [proc.info["name"] or "?"])
+        seen[proc.info["pid"]] = (title, times.user + times.system)
+    return seen
+
+
+def _cpu_shares(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    elapsed_s: float,
+    pids: dict[str, int],
+) -> list[dict[str, Any]]:
+    """The processes that used the CPU between the two readings, in cores
+    (CPU seconds per second), busiest first; ours by role."""
+    roles = {pid: role for role, pid in pids.items()} | {os.getpid(): "client (this benchmark)"}
+    rows = []
+    for pid, (title, seconds) in after.items():
+        used = seconds - before.get(pid, (title, 0.0))[1]
+        if used > 0.01 * elapsed_s:
+            rows.append({"process": roles.get(pid, title[:80]), "cores": used / elapsed_s})
+    return sorted(rows, key=lambda row: -row["cores"])
+
+
 def _replica_pid(name_part: str) -> int:
     import ray
 
@@ -145,7 +200,8 @@ def _replica_pid(name_part: str) -> int:
 
 
 async def served(config, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The served decode rate, profiled: py-spy on the engine replica and the ingress."""
+    """The served decode rate, every process's CPU meanwhile, and (with
+    `args.profile`) py-spy's samples of the engine replica and the ingress."""
     from ray import serve
 
     from cluster.app import build_from_config
@@ -157,37 +213,17 @@ async def served(config, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         await _decode_batches(url, config.model.name, args, 3.0)  # warm-up
         pids = {"engine": engine_replica_pid("default-0", APP), "ingress": _replica_pid("ingress")}
         raws = {name: out.with_name(f"{out.stem}_{name}.txt") for name in pids}
-        spies = [
-            subprocess.Popen(
-                [
-                    PY_SPY,
-                    "record",
-                    "--pid",
-                    str(pid),
-                    "--duration",
-                    str(int(args.seconds)),
-                    "--rate",
-                    "200",
-                    "--nonblocking",
-                    "--format",
-                    "raw",
-                    "-o",
-                    str(raws[name]),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for name, pid in pids.items()
-        ]
+        spies = [_py_spy(pid, raws[n], args.seconds) for n, pid in pids.items() if args.profile]
+        before = _cpu_seconds()
+        started = time.monotonic()
         rate = await _decode_batches(url, config.model.name, args, args.seconds)
+        cpu = _cpu_shares(before, _cpu_seconds(), time.monotonic() - started, pids)
         for spy in spies:
             _, err = spy.communicate(timeout=60)
             if spy.returncode != 0:
                 raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
-        return {
-            "decode_tokens_per_s": rate,
-            "profiles": {name: hottest_frames(raw, args.top) for name, raw in raws.items()},
-        }
+        profiles = {n: hottest_frames(raw, args.top) for n, raw in raws.items() if args.profile}
+        return {"decode_tokens_per_s": rate, "cpu_cores": cpu, "profiles": profiles}
     finally:
         await serve.shutdown_async()
 
@@ -204,6 +240,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-blocks", type=int, default=256)
     p.add_argument("--top", type=int, default=40, help="frames kept per process")
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results" / "profile_serving.json"))
+    p.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="measure the served rate without py-spy (which takes CPU of its own)",
+    )
     p.add_argument("--engine-alone", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("batch", "max_tokens", "kv_blocks", "top"):
@@ -252,17 +294,23 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "policy": args.policy,
         "engine_alone_tokens_per_s": alone,
-        "served_tokens_per_s_while_profiled": path["decode_tokens_per_s"],
+        "served_tokens_per_s": path["decode_tokens_per_s"],
+        "profiled": args.profile,
+        "cpu_cores": path["cpu_cores"],
         "profiles": path["profiles"],
         "machine": machine_description(),
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "engine_alone")},
     }
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    profiled = " while profiled" if args.profile else ""
     print(
         f"batch {args.batch}, policy {args.policy}: engine alone {alone:.0f} tok/s, "
-        f"served {path['decode_tokens_per_s']:.0f} tok/s while profiled "
+        f"served {path['decode_tokens_per_s']:.0f} tok/s{profiled} "
         f"({path['decode_tokens_per_s'] / alone:.2f}x)"
     )
+    print("\nCPU used while decoding, in cores (of " + str(os.cpu_count()) + "):")
+    for row in path["cpu_cores"][:12]:
+        print(f"  {row['cores']:5.2f}  {row['process']}")
     for name, profile in path["profiles"].items():
         print(f"\n{name} ({profile['samples']} samples), busiest frames, inclusive:")
         for row in profile["frames"][:25]:
