@@ -9,6 +9,14 @@ directly), and Ray 2.60's LLM layer is tested against vLLM 0.29, not the
 Each instance is its own deployment (`engine-<instance id>`), so the global
 scheduler can address it, and later migrate from or to it.
 
+An ingress replica streams the turns it runs on an instance through one
+feed (`subscribe`, then `start_turn` per turn): each engine step's events
+of all its turns travel as one Ray message, as vLLM's engine core sends one
+message per step to its API process. A stream per turn cost the replica a
+message per turn per step (serialized one by one on the event loop that
+shares the GIL with the engine thread): at a batch of 32 that was most of
+the step's time (`bench.profile_serving`).
+
 A session whose client never continues nor closes it is closed once it has
 waited `session_ttl_s` (the state store's expiry of its record): a
 background task looks for such sessions every `IDLE_SWEEP_PERIOD_S`.
@@ -30,7 +38,7 @@ from typing import Any
 from cluster.logs import adopt_into_serve_log, serve_logger
 from cluster.metrics import EngineMetrics
 from cluster.serve_env import freeze_startup_heap
-from workers.async_engine import AsyncMarsEngine
+from workers.async_engine import AsyncMarsEngine, TurnFeed
 from workers.engine import EngineConfig, SessionInfo
 from workers.turns import TurnEvent, TurnOutput, TurnRequest
 
@@ -55,6 +63,10 @@ closed at most this long after its limit."""
 logger = serve_logger(__name__)
 
 
+class FeedClosed(RuntimeError):
+    """A turn was started for a subscriber whose feed is not open here."""
+
+
 class EngineInstance:
     """The deployment class; `cluster.app` wraps it with `serve.deployment`."""
 
@@ -72,6 +84,7 @@ class EngineInstance:
         for package in ("workers", "vllm"):
             adopt_into_serve_log(package)
         self._engine = AsyncMarsEngine(EngineConfig.model_validate(engine_config))
+        self._feeds: dict[str, TurnFeed] = {}
         # The replica counts as started only once its engine has: Ray Serve
         # then routes nothing to it before, and `serve run` waits for it.
         self._engine.wait_started(timeout_s=STARTUP_TIMEOUT_S)
@@ -97,9 +110,11 @@ class EngineInstance:
             raise RuntimeError(f"engine {self.instance_id} has stopped")
 
     async def generate(self, turn: TurnRequest) -> AsyncIterator[list[TurnEvent]]:
-        """Run one turn; stream vLLM's outputs (`TurnOutput`), then its
-        `TurnEnd` with what it reused of its session's KV, in batches of the
-        events ready together (`AsyncMarsEngine.generate`). Outputs travel
+        """Run one turn on a stream of its own (callers with one turn at a
+        time: benchmarks, tests; the ingress uses `subscribe`); stream vLLM's
+        outputs (`TurnOutput`), then its `TurnEnd` with what it reused of its
+        session's KV, in batches of the events ready together
+        (`AsyncMarsEngine.generate`). Outputs travel
         without their prompt's token ids, which the caller sent and keeps
         (`TurnOutput.without_prompt`). A caller that leaves aborts the turn
         (its session's KV is kept)."""
@@ -116,6 +131,52 @@ class EngineInstance:
         except Exception:
             logger.exception("turn failed session=%s request=%s", turn.session_id, turn.request_id)
             raise
+
+    async def subscribe(self, subscriber: str) -> AsyncIterator[list[TurnEvent]]:
+        """The feed of `subscriber` (an ingress replica): an empty batch once
+        it is open, then the events of every turn it starts with
+        `start_turn`, a batch per engine step (outputs without their
+        prompts' token ids). The subscriber's running turns are aborted
+        when it leaves; a new subscription under the same name replaces the
+        old one."""
+        engine = await self._ready()
+        feed = TurnFeed()
+        self._feeds[subscriber] = feed
+        logger.info("feed open subscriber=%s instance=%s", subscriber, self.instance_id)
+        try:
+            yield []
+            while True:
+                batch = await feed.next_batch()
+                yield [e.without_prompt() if isinstance(e, TurnOutput) else e for e in batch]
+        finally:
+            if self._feeds.get(subscriber) is feed:
+                del self._feeds[subscriber]
+            for request_id in list(feed.running):
+                engine.abort(request_id)
+            logger.info("feed closed subscriber=%s instance=%s", subscriber, self.instance_id)
+
+    async def start_turn(self, turn: TurnRequest, subscriber: str) -> None:
+        """Start `turn`; its events go to `subscriber`'s feed. Raises what the
+        engine raised on the turn's input, or `FeedClosed`."""
+        engine = await self._ready()
+        feed = self._feeds.get(subscriber)
+        if feed is None:
+            raise FeedClosed(
+                f"engine instance {self.instance_id} has no open feed for {subscriber!r} "
+                "(the replica restarted, or the feed ended): subscribe again"
+            )
+        logger.debug(
+            "turn start session=%s request=%s prompt_tokens=%d",
+            turn.session_id,
+            turn.request_id,
+            len(turn.prompt_token_ids),
+        )
+        await engine.start(turn, feed)
+
+    async def abort_turn(self, request_id: str) -> None:
+        """Abort a running turn (its client left); its session's KV is kept."""
+        engine = await self._ready()
+        engine.abort(request_id)
 
     async def end_session(self, session_id: str) -> None:
         """Release a session's kept KV (its record is the cluster's)."""

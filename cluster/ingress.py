@@ -50,6 +50,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 from vllm.exceptions import VLLMError
 
 from cluster import sse
+from cluster.engine_feed import EngineFeed
 from cluster.errors import ApiError, unavailable
 from cluster.frontend import EngineUnavailable, FrontendSettings, build_frontend
 from cluster.logs import serve_logger
@@ -98,7 +99,7 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 class TurnServices:
     """What a `Turn` uses of the ingress."""
 
-    engines: dict[str, Any]
+    feeds: dict[str, EngineFeed]
     placement: Any
     tokenizer: Any
     closing: list[int]
@@ -147,7 +148,7 @@ class Ingress:
             else ViaScheduler(scheduler)
         )
         self._services = TurnServices(
-            engines,
+            {iid: EngineFeed(iid, handle) for iid, handle in engines.items()},
             placement,
             self._frontend.tokenizer,
             self._frontend.closing,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.exceptions import VLLMClientError
 
+from cluster.engine_feed import FeedBroken
 from cluster.frontend import EngineUnavailable
 from cluster.history import (
     PromptPlan,
@@ -57,7 +58,7 @@ class Turn:
     close: bool
     hints: SegmentHints
     services: Any
-    """The ingress's `TurnServices`: engines, placement, front end."""
+    """The ingress's `TurnServices`: engine feeds, placement, front end."""
     started_s: float = field(default_factory=time.monotonic)
     plan: PromptPlan | None = None
     instance_id: str | None = None
@@ -141,8 +142,7 @@ class Turn:
             action=self.action,
             hints=self.hints,
         )
-        engine = self.services.engines[decision.instance_id]
-        stream = engine.options(stream=True).generate.remote(turn)
+        feed = self.services.feeds[decision.instance_id]
         logger.info(
             "turn start session=%s request=%s instance=%s placed=%r prompt_tokens=%d "
             "from_record=%d",
@@ -155,22 +155,18 @@ class Turn:
         )
         waited = time.monotonic()
         final: RequestOutput | None = None
+        ended = False
         try:
-            while True:
-                try:
-                    # A timer per batch, not a task per event (`wait_for`);
-                    # and only around the wait for the engine, never
-                    # around a `yield` to the caller.
-                    async with asyncio.timeout(TURN_EVENT_TIMEOUT_S):
-                        batch = await anext(stream)
-                except StopAsyncIteration:
-                    break
-                # Ray hands over a batch that was already waiting without
-                # giving the event loop a turn: yield it one here, or a fast
-                # stream holds up every other request of this ingress
-                # (their chunks, their calls) until it ends.
-                await asyncio.sleep(0)
+            events = await feed.start(turn)
+            while not ended:
+                # A timer per wait for the engine, never around a `yield`.
+                async with asyncio.timeout(TURN_EVENT_TIMEOUT_S):
+                    batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
                 for event in batch:
+                    if isinstance(event, FeedBroken):
+                        raise event.error
                     if isinstance(event, TurnOutput):
                         output = event.with_prompt(prompt_token_ids).output
                         if self.first_token_s is None and output.outputs[0].token_ids:
@@ -180,7 +176,7 @@ class Turn:
                             continue
                         yield output
                     elif isinstance(event, TurnEnd):
-                        self.end = event
+                        self.end, ended = event, True
                         if final is not None:
                             yield final
         except (ValueError, TypeError, VLLMClientError) as exc:  # the engine refused the input
@@ -200,7 +196,8 @@ class Turn:
             ) from exc
         finally:
             self.engine_wait_s += time.monotonic() - waited
-            stream.cancel()
+            if not ended:
+                feed.abort(request_id)
 
     async def _place(self, prompt_token_ids: Sequence[int]) -> DispatchDecision:
         affinity = self.record.instance_id if self.record is not None else None

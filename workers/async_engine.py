@@ -2,8 +2,11 @@
 
 vLLM's in-process engine is driven by one thread, which owns every vLLM
 object; callers on the event loop send it commands and receive each turn's
-events through an asyncio queue. The Ray Serve replica sits on top of this
-class and never touches the engine directly.
+events through a `TurnFeed`: an asyncio queue that one turn or many share.
+A feed shared by many turns gets each engine step's events of all of them
+as one item (one wake-up of its loop per step, one message on for a caller
+that relays them). The Ray Serve replica sits on top of this class and
+never touches the engine directly.
 """
 
 from __future__ import annotations
@@ -35,13 +38,43 @@ class _Failed:
     reason: str
 
 
+class TurnFeed:
+    """Where the engine thread delivers the events of the turns started on
+    it (`AsyncMarsEngine.start`), on the event loop that created it: each
+    item is one step's events of those turns, in order."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[list[TurnEvent | _Failed]] = asyncio.Queue()
+        self.running: set[str] = set()
+        """Request ids started on this feed whose `TurnEnd` has not been read."""
+
+    async def next_batch(self) -> list[TurnEvent]:
+        """Every event delivered since the last call (waits for one step's
+        worth); raises `EngineStopped` once the engine thread has failed."""
+        batch = list(await self._queue.get())
+        while not self._queue.empty():
+            batch.extend(self._queue.get_nowait())
+        for event in batch:
+            if isinstance(event, _Failed):
+                raise EngineStopped(f"the MARS engine failed: {event.reason}")
+            if isinstance(event, TurnEnd):
+                self.running.discard(event.request_id)
+        return batch  # type: ignore[return-value]  # no _Failed left
+
+    def _put(self, events: list[TurnEvent | _Failed]) -> None:
+        self._queue.put_nowait(events)
+
+
 class AsyncMarsEngine:
     """See the module docstring. Each caller's events reach it on the event
     loop it awaited from."""
 
     def __init__(self, config: EngineConfig, tools: ToolRegistry | None = None) -> None:
         self._commands: queue.SimpleQueue[Callable[[MarsEngine], None]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._feeds: dict[str, TurnFeed] = {}
+        """The feed of each running turn, by request id (the engine thread
+        drops a turn's entry once it has delivered its `TurnEnd`)."""
         self._plans: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stopping = threading.Event()
         self._failure: BaseException | None = None
@@ -83,32 +116,46 @@ class AsyncMarsEngine:
         self._commands.put(command)
         return await asyncio.wrap_future(future)
 
-    async def generate(self, turn: TurnRequest) -> AsyncIterator[list[TurnEvent]]:
-        """Run one turn; yield its outputs, then its `TurnEnd`, in batches:
-        each batch is every event that was ready when the caller asked for
-        more (one, when the caller keeps up with the engine; several steps'
-        worth, when it does not: then they travel on as one message). A
-        caller that stops iterating (its client left) aborts the turn."""
-        stream: asyncio.Queue = asyncio.Queue()
-        if turn.request_id in self._streams:
+    async def start(self, turn: TurnRequest, feed: TurnFeed) -> None:
+        """Add `turn` to the engine; its events go to `feed`. Raises what the
+        engine raised on the turn's input (a `ValueError` for a bad one)."""
+        if turn.request_id in self._feeds:
             raise ValueError(f"request_id {turn.request_id!r} is already running")
-        self._streams[turn.request_id] = (asyncio.get_running_loop(), stream)
-        ended = False
+        self._feeds[turn.request_id] = feed
+        feed.running.add(turn.request_id)
         try:
             await self.call(lambda engine: engine.add_turn(turn))
+        except BaseException:
+            self._feeds.pop(turn.request_id, None)
+            feed.running.discard(turn.request_id)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        """Stop delivering `request_id`'s events and abort it on the engine
+        (its session's KV is kept); a no-op for a turn that has ended."""
+        feed = self._feeds.pop(request_id, None)
+        if feed is None:
+            return
+        feed.running.discard(request_id)
+        if self._failure is None and self._thread.is_alive():
+            self._commands.put(lambda engine: engine.abort_turn(request_id))
+
+    async def generate(self, turn: TurnRequest) -> AsyncIterator[list[TurnEvent]]:
+        """Run one turn on a feed of its own; yield its outputs, then its
+        `TurnEnd`, in batches: each batch is every event that was ready when
+        the caller asked for more. A caller that stops iterating (its client
+        left) aborts the turn."""
+        feed = TurnFeed()
+        await self.start(turn, feed)
+        ended = False
+        try:
             while not ended:
-                batch = [await stream.get()]
-                while not stream.empty():
-                    batch.append(stream.get_nowait())
-                for event in batch:
-                    if isinstance(event, _Failed):
-                        raise EngineStopped(f"the MARS engine failed: {event.reason}")
+                batch = await feed.next_batch()
                 ended = isinstance(batch[-1], TurnEnd)
                 yield batch
         finally:
-            self._streams.pop(turn.request_id, None)
-            if not ended and self._failure is None and self._thread.is_alive():
-                self._commands.put(lambda engine: engine.abort_turn(turn.request_id))
+            if not ended:
+                self.abort(turn.request_id)
 
     async def run_plan(self, request: AugmentedRequest) -> PlanSession:
         """Run a session whose tools execute server-side; return it when finished."""
@@ -148,8 +195,8 @@ class AsyncMarsEngine:
         except BaseException as exc:
             logger.exception("MARS engine thread failed; failing every open stream")
             self._failure = exc
-            for loop, stream in list(self._streams.values()):
-                loop.call_soon_threadsafe(stream.put_nowait, _Failed(repr(exc)))
+            for feed in {id(f): f for f in list(self._feeds.values())}.values():
+                feed.loop.call_soon_threadsafe(feed._put, [_Failed(repr(exc))])
             for loop, done in list(self._plans.values()):
                 loop.call_soon_threadsafe(_fail, done, EngineStopped(repr(exc)))
         finally:
@@ -169,17 +216,19 @@ class AsyncMarsEngine:
             block = False
 
     def _forward(self, events: list[TurnEvent]) -> None:
-        """Hand each event to its turn's stream, on its caller's loop: one
-        wake-up of each loop per step, however many turns it streams."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TurnEvent]]] = {}
+        """Hand each event to its turn's feed, on the feed's loop: one
+        wake-up of each loop per step, one item per feed, however many
+        turns it streams."""
+        by_loop: dict[asyncio.AbstractEventLoop, dict[int, tuple[TurnFeed, list[TurnEvent]]]] = {}
         for event in events:
-            request_id = event.request_id if isinstance(event, TurnEnd) else event.output.request_id
-            target = self._streams.get(request_id)
-            if target is not None:
-                loop, stream = target
-                by_loop.setdefault(loop, []).append((stream, event))
-        for loop, deliveries in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, deliveries)
+            ended = isinstance(event, TurnEnd)
+            request_id = event.request_id if ended else event.output.request_id
+            feed = self._feeds.pop(request_id, None) if ended else self._feeds.get(request_id)
+            if feed is not None:
+                per_feed = by_loop.setdefault(feed.loop, {})
+                per_feed.setdefault(id(feed), (feed, []))[1].append(event)
+        for loop, per_feed in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, list(per_feed.values()))
 
     def _settle_plans(self, engine: MarsEngine) -> None:
         for session_id, (loop, done) in list(self._plans.items()):
@@ -189,9 +238,9 @@ class AsyncMarsEngine:
                 loop.call_soon_threadsafe(_resolve, done, session)
 
 
-def _deliver(deliveries: list[tuple[asyncio.Queue, TurnEvent]]) -> None:
-    for stream, event in deliveries:
-        stream.put_nowait(event)
+def _deliver(deliveries: list[tuple[TurnFeed, list[TurnEvent]]]) -> None:
+    for feed, events in deliveries:
+        feed._put(events)
 
 
 def _resolve(done: asyncio.Future, value: object) -> None:
