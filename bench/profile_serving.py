@@ -36,7 +36,7 @@ from bench.engine_bench import REPO_ROOT, machine_description
 from bench.http_bench import DEFAULT_SERVE_CONFIG, _wait_ready, ray_serve, redis_server
 from bench.openai_conformance import engine_replica_pid
 from bench.stock_latency import _prompt, stream_one
-from bench.stock_vllm import MARS_PREFIX, EngineShape, mars_config
+from bench.stock_vllm import MARS_PREFIX, EngineShape, mars_config, require_at_least_one
 from cluster.config import load_serving_config
 from cluster.local_cluster import logical_cpus
 from cluster.ports import free_port
@@ -248,9 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--engine-alone", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("batch", "max_tokens", "kv_blocks", "top"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    require_at_least_one(p, args, ("batch", "max_tokens", "kv_blocks", "top"))
     if args.seconds < 1:
         p.error("--seconds must be >= 1")
     return args

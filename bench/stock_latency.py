@@ -34,7 +34,13 @@ from typing import Any
 
 from bench.engine_bench import REPO_ROOT, _percentile, machine_description
 from bench.http_bench import DEFAULT_SERVE_CONFIG, parse_sse_line, ray_serve, redis_server
-from bench.stock_vllm import STOCK, EngineShape, mars_config, stock_vllm_servers
+from bench.stock_vllm import (
+    STOCK,
+    EngineShape,
+    mars_config,
+    require_at_least_one,
+    stock_vllm_servers,
+)
 from cluster.config import load_serving_config
 from cluster.local_cluster import logical_cpus
 from cluster.ports import free_port
@@ -133,9 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-blocks", type=int, default=256)
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results" / "stock_latency.json"))
     args = p.parse_args(argv)
-    for name in ("requests", "max_tokens", "batch_repeats", "kv_blocks"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    require_at_least_one(p, args, ("requests", "max_tokens", "batch_repeats", "kv_blocks"))
     if args.max_tokens < 2:
         p.error("--max-tokens must be >= 2 (a gap needs two tokens)")
     return args

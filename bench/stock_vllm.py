@@ -569,18 +569,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--systems: {system!r} is not {STOCK} nor {MARS_PREFIX}<one of "
                 f"{list(engine_policy_names())}>"
             )
-    for name in (
-        "kv_blocks",
-        "max_requests",
-        "instances",
-        "max_num_batched_tokens",
-        "max_num_seqs",
-    ):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(
+        p,
+        args,
+        ("kv_blocks", "max_requests", "instances", "max_num_batched_tokens", "max_num_seqs"),
+    )
     if args.load <= 0 or args.max_seconds <= 0:
         p.error("--load and --max-seconds must be > 0")
     return args
+
+
+def require_at_least_one(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]
+) -> None:
+    """`parser.error` naming the first of the integer options `names` under 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 def main(argv: list[str] | None = None) -> int:
