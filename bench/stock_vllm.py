@@ -333,14 +333,23 @@ def make_row(
     system: str,
     instances: int,
     replay_s: float,
+    offsets: Sequence[float],
+    window: tuple[float, float],
 ) -> dict[str, Any]:
-    """One run's row: `ROW_KEYS` first, then what explains them."""
-    completed = [o for o in outcomes if o.status == "completed"]
-    e2e = [o.e2e_s for o in completed]
-    ttft = [o.ttft_s for o in completed]
-    resume = [t for o in completed for t in o.resume_ttft_s]
+    """One run's row: `ROW_KEYS` first, then what explains them. Latencies
+    are over the completed sessions that arrived inside `window` (seconds
+    from the start; the warm-up and cool-down around it run but are not
+    measured); `completed` and `failed` count every session."""
+    measured = [
+        o
+        for o, t in zip(outcomes, offsets, strict=True)
+        if window[0] <= t <= window[1] and o.status == "completed"
+    ]
+    e2e = [o.e2e_s for o in measured]
+    ttft = [o.ttft_s for o in measured]
+    resume = [t for o in measured for t in o.resume_ttft_s]
     status = Counter(o.status for o in outcomes)
-    engines = [o.engine for o in completed if o.engine is not None]
+    engines = [o.engine for o in outcomes if o.status == "completed" and o.engine is not None]
     row: dict[str, Any] = {
         "workload": workload.name,
         "seed": seed,
@@ -351,21 +360,57 @@ def make_row(
         "e2e_p99_s": _percentile(e2e, 99),
         "ttft_mean_s": _mean(ttft),
         "ttft_p99_s": _percentile(ttft, 99),
-        "completed": len(completed),
+        "completed": status["completed"],
         "failed": status["failed"],
         "sessions": len(outcomes),
+        "measured": len(measured),
+        "measured_window_s": list(window),
+        "e2e_drift": e2e_drift(outcomes, offsets, window),
         "timed_out": status["running"],
         "not_submitted": status["not_submitted"],
         "errors": [o.error for o in outcomes if o.error][:5],
         "resume_ttft_mean_s": _mean(resume),
         "resume_ttft_p99_s": _percentile(resume, 99),
         "turns": sum(len(o.finish_reasons) for o in outcomes),
-        "turn_outside_engine_mean_s": _mean([t for o in completed for t in o.outside_engine_s]),
+        "turn_outside_engine_mean_s": _mean([t for o in measured for t in o.outside_engine_s]),
         "replay_s": replay_s,
     }
     if system != STOCK:
         row.update(kv_counters(engines))
     return row
+
+
+def measured_window(
+    offsets: Sequence[float], warmup_s: float, cooldown_s: float
+) -> tuple[float, float]:
+    """The arrival times whose sessions are measured: after the warm-up,
+    and before the last `cooldown_s` seconds of arrivals (those sessions
+    run on an emptying server). Raises ValueError when none is left."""
+    last = max(offsets, default=0.0)
+    window = (warmup_s, last - cooldown_s)
+    if not any(window[0] <= t <= window[1] for t in offsets):
+        raise ValueError(
+            f"--warmup-s {warmup_s:g} and --cooldown-s {cooldown_s:g} leave no session to "
+            f"measure: arrivals span {last:.1f} s (raise --max-requests or lower them)"
+        )
+    return window
+
+
+def e2e_drift(
+    outcomes: Sequence[SessionOutcome], offsets: Sequence[float], window: tuple[float, float]
+) -> float | None:
+    """Mean E2E of the measured sessions that arrived in the window's second
+    half over that of its first half: near 1 in a steady state, well above 1
+    when the load exceeds what the server sustains (its queue grows, and
+    the mean then depends on how long arrivals last, not on the system)."""
+    middle = (window[0] + window[1]) / 2
+    halves: tuple[list[float], list[float]] = ([], [])
+    for outcome, offset in zip(outcomes, offsets, strict=True):
+        if outcome.status == "completed" and window[0] <= offset <= window[1]:
+            halves[offset > middle].append(outcome.e2e_s)
+    if not halves[0] or not halves[1]:
+        return None
+    return _mean(halves[1]) / _mean(halves[0])
 
 
 def error_row(workload: Workload, seed: int, load: float, system: str, instances: int, error):
@@ -544,6 +589,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-scale", type=float, default=0.25)
     p.add_argument("--api-scale", type=float, default=0.1)
     p.add_argument("--max-seconds", type=float, default=600.0, help="cap per replay")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=0.0,
+        help="sessions arriving in the first seconds run but are not measured",
+    )
+    p.add_argument(
+        "--cooldown-s",
+        type=float,
+        default=0.0,
+        help="nor those arriving in the last seconds of arrivals",
+    )
     p.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "results"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -576,6 +633,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     if args.load <= 0 or args.max_seconds <= 0:
         p.error("--load and --max-seconds must be > 0")
+    if args.warmup_s < 0 or args.cooldown_s < 0:
+        p.error("--warmup-s and --cooldown-s must be >= 0")
     return args
 
 
@@ -655,6 +714,7 @@ def _run_all(args, base, tokenizer, words, paths: list[Path]) -> None:
                     args.max_num_seqs,
                 )
                 offsets = arrivals(len(workload.requests), args.load, seed)
+                window = measured_window(offsets, args.warmup_s, args.cooldown_s)
                 print(
                     f"\n== {workload.name} seed {seed}: {len(workload.requests)} sessions at "
                     f"{args.load:g}/s, {args.instances} instance(s) x {args.kv_blocks} KV blocks, "
@@ -664,7 +724,15 @@ def _run_all(args, base, tokenizer, words, paths: list[Path]) -> None:
                 for system in args.systems:
                     started = time.monotonic()
                     row = _run_system(
-                        system, workload, offsets, shape, base, redis_url, Path(tmp), run_args
+                        system,
+                        workload,
+                        offsets,
+                        window,
+                        shape,
+                        base,
+                        redis_url,
+                        Path(tmp),
+                        run_args,
                     )
                     row.update(_context(args, shape, time.monotonic() - started))
                     rows.append(row)
@@ -672,6 +740,7 @@ def _run_all(args, base, tokenizer, words, paths: list[Path]) -> None:
                         f"   {system:<24} {row['completed']}/{row['sessions']} done, "
                         f"e2e mean {row['e2e_mean_s'] or float('nan'):.2f} s, "
                         f"ttft p99 {row['ttft_p99_s'] or float('nan'):.2f} s, "
+                        f"drift {row.get('e2e_drift') or float('nan'):.2f}, "
                         f"{row['run_wall_s']:.0f} s wall"
                         + (f"  ERROR {row['error']}" if row.get("error") else ""),
                         flush=True,
@@ -679,7 +748,7 @@ def _run_all(args, base, tokenizer, words, paths: list[Path]) -> None:
                     _write_json(json_path, merge_rows(kept, rows))
 
 
-def _run_system(system, workload, offsets, shape, base, redis_url, tmp: Path, args) -> dict:
+def _run_system(system, workload, offsets, window, shape, base, redis_url, tmp: Path, args) -> dict:
     """One system's run on a fresh server: its row (an error row if it failed)."""
     try:
         if system == STOCK:
@@ -700,6 +769,8 @@ def _run_system(system, workload, offsets, shape, base, redis_url, tmp: Path, ar
         system=system,
         instances=args.instances,
         replay_s=replay_s,
+        offsets=offsets,
+        window=window,
     )
 
 

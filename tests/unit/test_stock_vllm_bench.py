@@ -11,8 +11,10 @@ from bench.stock_vllm import (
     ROW_KEYS,
     STOCK,
     EngineShape,
+    e2e_drift,
     error_row,
     make_row,
+    measured_window,
     parse_args,
     summarize,
 )
@@ -55,12 +57,44 @@ def test_a_row_has_the_issue_keys_first_and_counts_every_session() -> None:
         system=STOCK,
         instances=1,
         replay_s=10.0,
+        offsets=[0.0, 1.0, 2.0, 3.0],
+        window=(0.0, 3.0),
     )
     assert tuple(row)[: len(ROW_KEYS)] == ROW_KEYS
     assert row["e2e_mean_s"] == pytest.approx(3.0)
     assert (row["completed"], row["failed"], row["timed_out"]) == (2, 1, 1)
     assert row["errors"] == ["turn 0: HTTP 503"]
     assert "recompute_tokens" not in row  # stock vLLM reports no MARS counters
+
+
+def test_latencies_count_only_the_sessions_that_arrived_in_the_window() -> None:
+    outcomes = [_done(9.0, 0.9), _done(2.0, 0.1), _done(4.0, 0.3), _done(7.0, 0.7)]
+    offsets = [0.0, 10.0, 20.0, 30.0]
+    window = measured_window(offsets, warmup_s=5.0, cooldown_s=5.0)
+    assert window == (5.0, 25.0)
+    row = make_row(
+        outcomes,
+        workload=_workload(4),
+        seed=0,
+        load=0.1,
+        system=STOCK,
+        instances=1,
+        replay_s=40.0,
+        offsets=offsets,
+        window=window,
+    )
+    assert row["e2e_mean_s"] == pytest.approx(3.0)  # the warm-up's 9 s and the cool-down's 7 s out
+    assert (row["completed"], row["measured"]) == (4, 2)
+    assert row["e2e_drift"] == pytest.approx(2.0)  # 4 s in the second half against 2 s
+
+
+def test_a_window_that_leaves_no_session_is_refused() -> None:
+    with pytest.raises(ValueError, match="--warmup-s 30 and --cooldown-s 0 leave no session"):
+        measured_window([0.0, 10.0, 20.0], warmup_s=30.0, cooldown_s=0.0)
+
+
+def test_drift_needs_both_halves() -> None:
+    assert e2e_drift([_done(2.0, 0.1)], [1.0], (0.0, 10.0)) is None
 
 
 def test_the_summary_compares_each_seed_with_stock_vllm() -> None:
@@ -125,7 +159,7 @@ def test_a_mars_system_carries_its_policy_parameters() -> None:
 def test_the_latency_report_compares_mars_serve_with_stock() -> None:
     from bench.stock_latency import MARS, compare, format_report
 
-    def system(ttft_ms: float, itl_ms: float, rate: float) -> dict:
+    def system(ttft_ms: float, itl_ms: float, rate: float, batch_rate: float) -> dict:
         seq = {
             "ttft_median_ms": ttft_ms,
             "ttft_mean_ms": ttft_ms,
@@ -134,15 +168,18 @@ def test_the_latency_report_compares_mars_serve_with_stock() -> None:
             "itl_mean_ms": itl_ms,
             "itl_p99_ms": itl_ms,
         }
-        return {"sequential": {"100": seq}, "batches": {"8": {"decode_tokens_per_s": rate}}}
+        batch = {"decode_tokens_per_s": rate, "batch_tokens_per_s": batch_rate}
+        return {"sequential": {"100": seq}, "batches": {"8": batch}}
 
-    results = {STOCK: system(10.0, 2.0, 400.0), MARS: system(14.0, 2.2, 380.0)}
+    results = {STOCK: system(10.0, 2.0, 400.0, 300.0), MARS: system(14.0, 2.2, 380.0, 240.0)}
     c = compare(results)
     assert c["ttft_median_diff_ms"] == {"100": pytest.approx(4.0)}
     assert c["itl_median_ratio"] == {"100": pytest.approx(1.1)}
     assert c["decode_ratio"] == {"8": pytest.approx(0.95)}
+    assert c["batch_ratio"] == {"8": pytest.approx(0.8)}
     text = format_report({"systems": results, "comparison": c})
     assert "decode tokens/s: 8: 0.95" in text
+    assert "tokens/s over the batch: 8: 0.80" in text
 
 
 def test_rerun_rows_replace_those_of_the_same_seed_and_system() -> None:
