@@ -6,7 +6,7 @@ MODEL  := models/tiny
 SMOLLM2 := models/smollm2
 
 .PHONY: install model model-smollm2 up down demo test lint bench-engine bench-http \
-	bench-stock bench-overhead conformance clean
+	bench-stock bench-stock-steady bench-overhead conformance clean
 
 # Everything the project needs, into .venv (re-run is cheap: pip skips what is there).
 install: $(VENV)/.installed
@@ -72,6 +72,15 @@ bench-stock: model
 	$(PY) -m bench.stock_vllm --workloads multi_api single_api agent_mix --seeds 0 1 2 3 4 \
 		--load 16 --max-requests 96 --kv-blocks 40 --no-progress \
 		--systems stock_vllm mars-serve:mars mars-serve:mars:count_only_after_first_run=false
+
+# The same comparison in a steady state: 120 s of arrivals at 1.5 sessions/s
+# (under stock vLLM's capacity on multi_api here: its E2E drift stays near 1),
+# the first 30 s and the last 20 s of arrivals run but not measured; writes
+# docs/results/steady/ (~110 min on 2 CPUs for everything below).
+bench-stock-steady: model
+	$(PY) -m bench.stock_vllm --workloads multi_api single_api agent_mix --seeds 0 1 2 3 4 \
+		--load 1.5 --max-requests 180 --warmup-s 30 --cooldown-s 20 --kv-blocks 40 \
+		--no-progress --systems stock_vllm mars-serve:mars --out-dir docs/results/steady
 
 # OpenAI conformance, side by side with vLLM's own server on SmolLM2
 # (~10 min on 2 CPUs); writes docs/results/openai_conformance.json.
