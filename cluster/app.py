@@ -18,6 +18,7 @@ from cluster.config import ServingConfig, load_serving_config
 from cluster.engine_deployment import EngineInstance
 from cluster.global_scheduler import GlobalScheduler
 from cluster.ingress import Ingress, app
+from cluster.instance_placement import pool_placements
 from workers.engine import EngineConfig
 
 INTERNAL_CALLS_LOGGING = {"enable_access_log": False}
@@ -33,15 +34,19 @@ already installed: Ray Serve's replica log handler among them, after which
 the replica's log lost every line (ours, Serve's, vLLM's) silently. Without
 it, vLLM logs through the replica's handlers (`cluster.logs.adopt_into_serve_log`)."""
 
-ENGINE_CPUS = 1.0
-"""Logical CPUs each engine replica reserves (Ray needs more logical CPUs
-than cores on small machines; see DESIGN.md)."""
+GPU_MEMORY_FRACTION = 0.9
+"""vLLM's own gpu_memory_utilization default, for pools with GPUs (the CPU
+default, a share of RAM, is 0.2)."""
 
 
 def engine_config(config: ServingConfig, pool_name: str) -> dict[str, Any]:
     """The `workers.engine.EngineConfig` fields of one pool's instances."""
     pool = next(p for p in config.resolved_pools() if p.name == pool_name)
     settings = config.engine.merged(pool.engine).model_dump(exclude_none=True)
+    if pool.resources.gpus:
+        # vLLM's GPU defaults, where the CPU ones differ (EngineConfig's).
+        settings.setdefault("memory_fraction", GPU_MEMORY_FRACTION)
+        settings.setdefault("enforce_eager", False)
     return {
         "model": config.model.path,
         **settings,
@@ -71,17 +76,17 @@ def build_from_config(config: ServingConfig) -> Application:
     _ensure_model(config)
     tools = [tool.model_dump() for tool in config.tools]
     engines = {}
+    placements = pool_placements(config)
     for pool in config.resolved_pools():
+        options = placements[pool.name].deployment_options()
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": ENGINE_ENV}
         for index in range(pool.count):
             instance_id = f"{pool.name}-{index}"
             deployment = serve.deployment(
                 EngineInstance,
                 name=f"engine-{instance_id}",
                 num_replicas=1,
-                ray_actor_options={
-                    "num_cpus": ENGINE_CPUS,
-                    "runtime_env": {"env_vars": ENGINE_ENV},
-                },
+                **options,
                 health_check_period_s=10,
                 max_ongoing_requests=1024,
                 logging_config=INTERNAL_CALLS_LOGGING,

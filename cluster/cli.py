@@ -92,6 +92,12 @@ def _add_validate_command(groups: argparse._SubParsersAction) -> None:
         description="Validate a serving config YAML; every error names the file and the field.",
     )
     validate.add_argument("file", type=Path, metavar="FILE", help="serving config YAML")
+    validate.add_argument(
+        "--plan",
+        action="store_true",
+        help="also print what each engine instance asks Ray for (resources, placement "
+        "groups, bundles per node)",
+    )
     validate.set_defaults(handler=_cmd_validate)
 
 
@@ -105,6 +111,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         f"engine policy {config.policy.name}; pools {pools}; dispatch {config.dispatch.policy}; "
         f"state store {config.state_store.url or 'in-process'}"
     )
+    if args.plan:
+        from cluster.instance_placement import format_plan
+
+        print(format_plan(config))
     return EXIT_OK
 
 

@@ -65,7 +65,20 @@ class EngineSettings(BaseModel):
         None, description="vLLM's automatic prefix caching (default on, as in stock vLLM)"
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
-    memory_fraction: float | None = Field(None, gt=0, le=0.95)
+    memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=0.95,
+        description="vLLM's gpu_memory_utilization (default 0.9 on GPUs; on CPUs a share of "
+        "RAM, default 0.2)",
+    )
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="GPUs one instance shards the model over (default 1)"
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="run the model eagerly; default: on CPUs, off on GPUs (CUDA graphs on)",
+    )
 
     @field_validator("block_size")
     @classmethod
@@ -95,6 +108,39 @@ class EnginePolicySettings(BaseModel):
         return self
 
 
+class InstanceResources(BaseModel):
+    """What Ray reserves for each engine instance of a pool."""
+
+    model_config = _STRICT
+
+    cpus: float = Field(1.0, gt=0, description="logical CPUs of the engine replica")
+    gpus: int = Field(
+        0, ge=0, description="GPUs per instance: 0 (a CPU engine), or the tensor parallel size"
+    )
+    accelerator_type: str | None = Field(
+        None, description="Ray's accelerator type the GPUs must be (e.g. L4, A100, H100)"
+    )
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _known_accelerator(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        known = ray_accelerator_types()
+        if value not in known:
+            raise ValueError(f"unknown accelerator_type {value!r}; Ray knows {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpus(self) -> InstanceResources:
+        if self.accelerator_type is not None and self.gpus == 0:
+            raise ValueError(
+                f"accelerator_type {self.accelerator_type!r} is given but gpus is 0: "
+                "give gpus (the tensor parallel size)"
+            )
+        return self
+
+
 class Pool(BaseModel):
     """A group of identical engine instances (prefill and decode pools later)."""
 
@@ -103,6 +149,7 @@ class Pool(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
     count: int = Field(1, ge=1, le=64)
     engine: EngineSettings | None = None
+    resources: InstanceResources = Field(default_factory=InstanceResources)
 
 
 class DispatchSettings(BaseModel):
@@ -188,6 +235,9 @@ class ServingConfig(BaseModel):
         repeated = sorted({n for n in tool_names if tool_names.count(n) > 1})
         if repeated:
             raise ValueError(f"tools: duplicate tool names {repeated}")
+        for index, pool in enumerate(self.resolved_pools()):
+            where = f"pools[{index}]" if self.pools is not None else None
+            _check_gpus(pool, self.engine.merged(pool.engine), where)
         if self.http.ingress_replicas > 1 and self.state_store.url is None:
             raise ValueError(
                 f"http.ingress_replicas is {self.http.ingress_replicas}, but sessions live in "
@@ -205,6 +255,40 @@ class ServingConfig(BaseModel):
     def instance_ids(self) -> list[str]:
         """Every engine instance, addressable by id: `<pool>-<index>`."""
         return [f"{pool.name}-{i}" for pool in self.resolved_pools() for i in range(pool.count)]
+
+
+def _check_gpus(pool: Pool, engine: EngineSettings, where: str | None) -> None:
+    """A pool's GPUs per instance and its tensor parallel size must agree:
+    each rank of a sharded model takes one GPU. `where`: the pool's path in
+    the file (None: the pool that `instances` stands for)."""
+    tensor_parallel = engine.tensor_parallel_size or 1
+    gpus = pool.resources.gpus
+    if gpus and gpus != tensor_parallel:
+        raise ValueError(
+            f"{where}.resources.gpus is {gpus} but the pool's engine.tensor_parallel_size is "
+            f"{tensor_parallel}: an instance takes one GPU per tensor parallel rank"
+        )
+    if not gpus and tensor_parallel > 1:
+        without = (
+            f"{where}.resources.gpus is 0"
+            if where is not None
+            else "`instances` gives CPU engines (use pools with resources.gpus)"
+        )
+        raise ValueError(
+            f"engine.tensor_parallel_size is {tensor_parallel} but {without}: "
+            "tensor parallelism shards the model over GPUs"
+        )
+
+
+def ray_accelerator_types() -> list[str]:
+    """The accelerator types Ray schedules by (`ray.util.accelerators`)."""
+    from ray.util.accelerators import accelerators
+
+    return sorted(
+        value
+        for name, value in vars(accelerators).items()
+        if name.isupper() and isinstance(value, str)
+    )
 
 
 def load_serving_config(path: str | os.PathLike[str]) -> ServingConfig:

@@ -11,6 +11,7 @@ that and nothing else.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,8 +31,10 @@ DASHBOARD_PORT = 8265
 
 
 def logical_cpus(config: ServingConfig) -> int:
-    """Enough logical CPUs for every deployment to be scheduled."""
-    engines = len(config.instance_ids())
+    """Enough logical CPUs for every deployment to be scheduled: the engine
+    replicas' reservations (`pools[].resources.cpus`) and as much again for
+    what they start, the ingress replicas and a margin."""
+    engines = sum(math.ceil(pool.resources.cpus) * pool.count for pool in config.resolved_pools())
     return max(8, 2 * engines + config.http.ingress_replicas + 4)
 
 

@@ -70,6 +70,12 @@ class EngineConfig(BaseModel):
     memory_fraction: float = Field(
         0.2, gt=0, le=0.95, description="vLLM gpu_memory_utilization (CPU: share of RAM)"
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs the model is sharded over (vLLM's Ray executor when > 1)"
+    )
+    enforce_eager: bool = Field(
+        True, description="run the model eagerly (CPU engines); False: CUDA graphs on GPUs"
+    )
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     profile_costs: bool = Field(True, description="measure the cost model at start-up")
     finished_sessions_kept: int = Field(
@@ -501,7 +507,11 @@ def _engine_kwargs(config: EngineConfig) -> dict:
         num_gpu_blocks_override=config.num_kv_blocks,
         gpu_memory_utilization=config.memory_fraction,
         enable_prefix_caching=config.prefix_caching,
-        enforce_eager=True,
+        enforce_eager=config.enforce_eager,
+        tensor_parallel_size=config.tensor_parallel_size,
+        # Sharded over several GPUs, the ranks are Ray actors in the
+        # instance's placement group (cluster.instance_placement).
+        distributed_executor_backend="ray" if config.tensor_parallel_size > 1 else None,
         scheduler_cls="workers.scheduler.MarsScheduler",
         additional_config={ADDITIONAL_CONFIG_KEY: config.scheduler.model_dump()},
         kv_transfer_config=KVTransferConfig(
