@@ -383,6 +383,7 @@ async def _turn(
     first = None
     finish = None
     engine_s = None
+    phases_ms: dict[str, float] = {}
     generated: list[int] = []
     async with http.post(f"{url}/v1/completions", json=body, headers=headers) as response:
         if response.status != 200:
@@ -391,6 +392,7 @@ async def _turn(
             payload = parse_sse_line(line)
             if payload is not None and "engine_s" in (payload.get("mars") or {}):
                 engine_s = payload["mars"]["engine_s"]
+                phases_ms = payload["mars"].get("phases_ms", {})
             if payload is None or (not payload.get("choices") and "error" not in payload):
                 continue
             if first is None:
@@ -403,7 +405,7 @@ async def _turn(
                 finish = choice["finish_reason"]
     if first is None or finish is None:
         raise TurnError("the stream ended without a finish_reason")
-    return TurnResult(first, time.monotonic(), finish, generated, engine_s)
+    return TurnResult(first, time.monotonic(), finish, generated, engine_s, phases_ms)
 
 
 @dataclass(frozen=True)
@@ -418,6 +420,9 @@ class TurnResult:
     engine_s: float | None
     """The engine's own time on the turn, from mars-serve's `mars` chunk
     (None from a server without one)."""
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    """The ingress's steps of the turn (`cluster.turn.TURN_PHASES`), from the
+    same chunk (empty from a server without one)."""
 
 
 @dataclass
@@ -444,6 +449,8 @@ class SessionOutcome:
     outside_engine_s: list[float] = field(default_factory=list)
     """Each turn's time from the client's send to its end, less the engine's
     own time on it (where the server reports it): the serving stack's share."""
+    phases_ms: list[dict[str, float]] = field(default_factory=list)
+    """Each turn's ingress steps, where the server reports them."""
 
 
 async def run_session(
@@ -477,6 +484,8 @@ async def run_session(
                 outcome.resume_ttft_s.append(result.first_s - sent)
             if result.engine_s is not None:
                 outcome.outside_engine_s.append(result.ended_s - sent - result.engine_s)
+            if result.phases_ms:
+                outcome.phases_ms.append(result.phases_ms)
             outcome.finish_reasons.append(result.finish_reason)
             if turn.api_s is not None:
                 await asyncio.sleep(turn.api_s)

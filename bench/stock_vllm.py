@@ -373,11 +373,18 @@ def make_row(
         "resume_ttft_p99_s": _percentile(resume, 99),
         "turns": sum(len(o.finish_reasons) for o in outcomes),
         "turn_outside_engine_mean_s": _mean([t for o in measured for t in o.outside_engine_s]),
+        "ingress_phases_mean_ms": phase_means([p for o in measured for p in o.phases_ms]),
         "replay_s": replay_s,
     }
     if system != STOCK:
         row.update(kv_counters(engines))
     return row
+
+
+def phase_means(turns: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean milliseconds of each ingress step over the turns that report it."""
+    names = sorted({name for phases in turns for name in phases})
+    return {name: _mean([p[name] for p in turns if name in p]) for name in names}
 
 
 def measured_window(

@@ -279,13 +279,17 @@ class Ingress:
     ) -> Turn:
         """Start the turn; for a session, move its record to GENERATING (a
         new session's record is created), or answer 409."""
+        started = time.monotonic()
         key = uuid.uuid4().hex
         hints = SegmentHints(tool=mars.tool, api_s=mars.expected_api_s, final=mars.close)
         record = None
         if session_id is not None:
             _check_session_request(body, chat=chat)
             record = await self._start_session_turn(session_id, key)
-        return Turn(key, session_id, record, chat, mars.close, hints, self._services)
+        turn = Turn(key, session_id, record, chat, mars.close, hints, self._services, started)
+        if session_id is not None:
+            turn.phases_s["record_start"] = time.monotonic() - started
+        return turn
 
     async def _start_session_turn(self, session_id: str, key: str) -> SessionRecord | None:
         """The record as this turn found it (None for a new session)."""
@@ -386,6 +390,7 @@ class Ingress:
     async def _commit(self, turn: Turn, assistant: dict[str, Any] | None) -> None:
         if turn.session_id is None:
             return
+        started = time.monotonic()
         try:
             if turn.close:
                 await asyncio.to_thread(self._store.delete_session, turn.session_id)
@@ -402,6 +407,8 @@ class Ingress:
             logger.warning(
                 "turn not recorded session=%s request=%s: %r", turn.session_id, turn.key, exc
             )
+        finally:
+            turn.phases_s["record_commit"] = time.monotonic() - started
 
     async def _roll_back(self, turn: Turn) -> None:
         """The turn produced no response: the session's record goes back to

@@ -40,6 +40,13 @@ if TYPE_CHECKING:
 
 logger = serve_logger(__name__)
 
+TURN_PHASES = ("record_start", "until_engine_call", "engine_call_ack", "record_commit")
+"""The steps of a turn that the ingress times (`Turn.phases_s`): the
+session record's move to GENERATING, from the turn's start to its engine
+call (vLLM's request handling, prompt planning, placement), the engine
+call's round trip (the instance has added the turn), and the record's
+commit once the engine has ended the turn."""
+
 TURN_EVENT_TIMEOUT_S = 600.0
 """The longest a turn waits for its engine's next event (its first token
 included: a turn may queue behind others). A replica that dies is reported
@@ -67,6 +74,9 @@ class Turn:
     end: TurnEnd | None = None
     failure: BaseException | None = None
     engine_wait_s: float = 0.0
+    phases_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of this turn's steps in the ingress (`TURN_PHASES`), as far as
+    it got: where the serving stack's share of a turn goes."""
 
     @property
     def action(self) -> SessionAction:
@@ -154,10 +164,13 @@ class Turn:
             self.plan.from_record if self.plan else 0,
         )
         waited = time.monotonic()
+        began = self.started_s + self.phases_s.get("record_start", 0.0)
+        self.phases_s["until_engine_call"] = waited - began
         final: RequestOutput | None = None
         ended = False
         try:
             events = await feed.start(turn)
+            self.phases_s["engine_call_ack"] = time.monotonic() - waited
             while not ended:
                 # A timer per wait for the engine, never around a `yield`.
                 async with asyncio.timeout(TURN_EVENT_TIMEOUT_S):
@@ -245,6 +258,7 @@ class Turn:
             kv["rebuilt_from_record"] = had_context and self.end.kv.resumed_from is None
             field["kv"] = kv
             field["engine_s"] = self.end.engine_s
+            field["phases_ms"] = {name: 1000 * s for name, s in self.phases_s.items()}
         if self.session_id is not None:
             field["session_id"] = self.session_id
             field["session_state"] = "closed" if self.close else "paused"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.ports import free_port
+from cluster.turn import TURN_PHASES
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -81,6 +82,8 @@ def test_chat_completion(client) -> None:
     mars = reply.model_extra["mars"]
     assert "session_id" not in mars  # no session id: a request outside sessions
     assert mars["instance_id"] in {"default-0", "default-1"} and 0 < mars["engine_s"] < 60
+    # Outside a session there is no record to move: only the engine call is timed.
+    assert set(mars["phases_ms"]) == {"until_engine_call", "engine_call_ack"}
 
 
 def test_streaming_starts_with_the_role_and_ends_with_usage(client) -> None:
@@ -128,6 +131,8 @@ def test_a_full_history_client_resumes_on_its_instance_with_its_kv(server: str, 
     second = _ask(client, "agent-1", history)
     mars = second.model_extra["mars"]
     assert mars["instance_id"] == instance and mars["placed"] == "affinity"
+    assert set(mars["phases_ms"]) == set(TURN_PHASES)  # a session turn: every step timed
+    assert all(0 <= ms < 60_000 for ms in mars["phases_ms"].values())
     assert mars["history"]["matched_messages"] == 2 and mars["history"]["diverged_at"] is None
     assert mars["kv"]["resumed_from"] == "preserve"
     assert second.usage.prompt_tokens_details.cached_tokens == mars["kv"]["cached_tokens"] >= 32

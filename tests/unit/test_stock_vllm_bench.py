@@ -88,6 +88,14 @@ def test_latencies_count_only_the_sessions_that_arrived_in_the_window() -> None:
     assert row["e2e_drift"] == pytest.approx(2.0)  # 4 s in the second half against 2 s
 
 
+def test_ingress_steps_are_averaged_over_the_turns_that_report_them() -> None:
+    from bench.stock_vllm import phase_means
+
+    turns = [{"record_start": 2.0, "engine_call_ack": 4.0}, {"engine_call_ack": 8.0}]
+    assert phase_means(turns) == {"engine_call_ack": 6.0, "record_start": 2.0}
+    assert phase_means([]) == {}
+
+
 def test_a_window_that_leaves_no_session_is_refused() -> None:
     with pytest.raises(ValueError, match="--warmup-s 30 and --cooldown-s 0 leave no session"):
         measured_window([0.0, 10.0, 20.0], warmup_s=30.0, cooldown_s=0.0)
