@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from policies import CostModel, Strategy
 from workers.hints import SegmentHints
 from workers.kv_connector import RECORD_DIGESTS_KEY
+from workers.kv_transport import SessionKv, read_device_blocks, read_host_copy, write_host_copy
 from workers.lifecycle import Phase, RequestRecord, TimelineEvent
 from workers.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings
 from workers.tools import ToolCall, ToolRegistry, default_registry
@@ -255,15 +256,67 @@ class MarsEngine:
             live = self._live.pop(request_id)
             self._turn_over(live)
 
-    def end_session(self, session_id: str) -> None:
-        """Release a session's kept KV and close its record."""
+    def end_session(self, session_id: str, reason: str = "session ended") -> None:
+        """Release a session's kept KV and close its record (`reason` lands
+        in its timeline: it ended, or it moved to another engine)."""
         if session_id in self._live_sessions:
             raise ValueError(f"session {session_id!r} has a turn running; it cannot end now")
         self.scheduler.release_park(session_id)
         record = self.scheduler.records.get(session_id)
         if record is not None and record.phase is not Phase.FINISHED:
-            record.move(Phase.FINISHED, time.monotonic(), "session ended")
+            record.move(Phase.FINISHED, time.monotonic(), reason)
             self._remember_ended(session_id)
+
+    # ----------------------------------------------------------- migration
+    def export_session(self, session_id: str) -> SessionKv:
+        """A paused session's KV and predictions, for another engine
+        (`workers.kv_transport`). The session stays here, KV and all, until
+        `end_session` once the move is committed. Raises ValueError unless
+        the session is paused here."""
+        if session_id in self._live_sessions:
+            raise ValueError(f"session {session_id!r} has a turn running; it cannot move now")
+        parked = self.scheduler.parked_kv(session_id)
+        shards = None
+        if parked.device_blocks is not None:
+            shards = self._llm.collective_rpc(read_device_blocks, args=(parked.device_blocks,))
+        elif parked.on_host:
+            shards = self._llm.collective_rpc(read_host_copy, args=(session_id,))
+        return SessionKv(
+            session_id=session_id,
+            token_ids=parked.token_ids,
+            block_size=self.config.block_size,
+            shards=shards,
+            state=self.scheduler.parked_state(session_id),
+        )
+
+    def import_session(self, kv: SessionKv) -> None:
+        """Park a session exported by another engine: its next turn here
+        loads the KV (or recomputes it, if none came). Raises ValueError
+        when the KV does not fit this engine (block size, model, layout,
+        host space) or the session is live here."""
+        if kv.block_size != self.config.block_size:
+            raise ValueError(
+                f"the session's KV has block_size {kv.block_size}, this engine "
+                f"{self.config.block_size}"
+            )
+        if kv.shards is not None and len(kv.shards) != self.config.tensor_parallel_size:
+            raise ValueError(
+                f"the session's KV has {len(kv.shards)} shards, this engine "
+                f"{self.config.tensor_parallel_size} (tensor_parallel_size)"
+            )
+        session_id = kv.session_id
+        if session_id in self._live_sessions:
+            raise ValueError(f"session {session_id!r} has a turn running on this engine")
+        on_host = kv.shards is not None
+        self.scheduler.adopt_parked(session_id, kv.token_ids, on_host, kv.state)
+        if not on_host:
+            return
+        try:
+            self._llm.collective_rpc(write_host_copy, args=(session_id, kv.shards, kv.num_blocks))
+        except BaseException:
+            self.scheduler.release_park(session_id)
+            self.scheduler.records.pop(session_id, None)
+            raise
 
     def session_info(self, session_id: str) -> SessionInfo:
         record = self.scheduler.records.get(session_id)

@@ -10,6 +10,12 @@ worker copies them in before the forward pass. A turn whose prompt does not
 start with the host copy's tokens (an edited history) loads nothing: its KV
 would be wrong.
 
+The same host copies carry a paused session to another engine
+(`workers.kv_transport`): the source reads the session's blocks (from the
+device while preserved, from its host copy once swapped), the destination
+adopts them as a host copy under the session id, and its next turn loads
+them as it would load a swap.
+
 Roles, as in vLLM's `KVConnectorBase_V1`:
 
 - scheduler side (next to `MarsScheduler`): records the copies it is asked
@@ -141,6 +147,20 @@ class MarsKVConnector(KVConnectorBase_V1):
         self._pending_out.append(BlockCopy(key, tuple(block_ids[:needed])))
         self._host_copies[key] = HostCopy(tuple(token_ids))
 
+    def adopt_host_copy(self, key: str, token_ids: tuple[int, ...]) -> None:
+        """Record a host copy that another engine made (a migrated session):
+        the worker side holds its blocks once `write_host_copy` ran."""
+        if key in self._host_copies:
+            raise ValueError(f"session {key!r} already has a host copy here")
+        if len(token_ids) > self.free_host_tokens:
+            raise ValueError(
+                f"the session's KV ({len(token_ids)} tokens) exceeds free host space "
+                f"{self.free_host_tokens} (engine.host_swap_tokens)"
+            )
+        if key in self._pending_drop:  # an older copy's drop must not take the new one
+            self._pending_drop.remove(key)
+        self._host_copies[key] = HostCopy(tuple(token_ids))
+
     def drop(self, key: str) -> None:
         """Forget a session's host copy (the session ended, or its KV is back)."""
         if self._host_copies.pop(key, None) is not None:
@@ -209,6 +229,40 @@ class MarsKVConnector(KVConnectorBase_V1):
             self._copy_in(copy)
         for key in meta.drop:
             self._host.pop(key, None)
+
+    def read_blocks(self, block_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Host copies of device blocks `block_ids` of every layer (a
+        preserved session leaving for another engine); read-only."""
+        index = torch.tensor(block_ids, dtype=torch.long)
+        return {
+            name: kv.index_select(0, index.to(kv.device)).to("cpu", copy=True)
+            for name, kv in self._kv_caches.items()
+        }
+
+    def read_host_copy(self, key: str) -> dict[str, torch.Tensor]:
+        """A swapped session's host copy, left in place (the source keeps it
+        until the migration commits)."""
+        if key not in self._host:
+            raise KeyError(f"no host copy of session {key!r} on this worker")
+        return self._host[key]
+
+    def write_host_copy(self, key: str, layers: dict[str, torch.Tensor], num_blocks: int) -> None:
+        """Hold another engine's blocks of session `key` as this worker's
+        host copy, after checking that they fit this engine's KV layout."""
+        if set(layers) != set(self._kv_caches):
+            raise ValueError(
+                f"the session's KV has layers {sorted(layers)}, this engine "
+                f"{sorted(self._kv_caches)}: another model"
+            )
+        for name, kv in self._kv_caches.items():
+            blocks = layers[name]
+            if blocks.dtype != kv.dtype or tuple(blocks.shape) != (num_blocks, *kv.shape[1:]):
+                raise ValueError(
+                    f"the session's KV of layer {name} is {blocks.dtype} "
+                    f"{tuple(blocks.shape)}; this engine needs {kv.dtype} "
+                    f"{(num_blocks, *kv.shape[1:])}"
+                )
+        self._host[key] = {name: blocks.to("cpu") for name, blocks in layers.items()}
 
     def time_block_copy(self, num_blocks: int, repeats: int = 5) -> float:
         """Seconds to copy `num_blocks` blocks of every layer to host and back,

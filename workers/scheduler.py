@@ -52,6 +52,7 @@ from policies.predictors import expected_call_s, remaining_call_s
 from workers import vllm_hooks
 from workers.hints import SegmentHints
 from workers.kv_connector import MarsKVConnector
+from workers.kv_transport import ParkedState
 from workers.lifecycle import Phase, RequestRecord
 from workers.settings import SchedulerSettings, settings_from_additional_config
 from workers.turns import KvReuse, SessionAction, TurnTags
@@ -120,7 +121,9 @@ class Park:
     """A session's KV between two turns: its last turn's finished request,
     whose blocks vLLM has not freed while `holds_blocks`."""
 
-    request: Request
+    request: Request | None
+    """None for a session that came from another engine (its KV is a host
+    copy here, or nothing)."""
     token_ids: tuple[int, ...]
     """The turn's whole context (prompt and generated tokens)."""
     computed_tokens: int
@@ -129,6 +132,18 @@ class Park:
     holds_blocks: bool = True
     swap_pending: bool = False
     """Copied to host this step; the blocks are freed at the next one."""
+
+
+@dataclass(frozen=True)
+class ParkedKv:
+    """Where a paused session's KV is (`MarsScheduler.parked_kv`): in
+    `device_blocks` while preserved, in a host copy once swapped, neither
+    once discarded."""
+
+    token_ids: tuple[int, ...]
+    """The context tokens the KV covers."""
+    device_blocks: tuple[int, ...] | None
+    on_host: bool
 
 
 class MarsScheduler(Scheduler):
@@ -362,6 +377,66 @@ class MarsScheduler(Scheduler):
             vllm_hooks.free_delayed_blocks(self, park.request)
         if self.connector is not None:
             self.connector.drop(session_id)
+
+    def parked_kv(self, session_id: str) -> ParkedKv:
+        """Where a paused session's KV is, for a move to another engine.
+        Raises ValueError unless the session is paused here."""
+        record = self.records.get(session_id)
+        if record is None or record.phase is not Phase.PAUSED:
+            state = "unknown" if record is None else record.phase.value
+            raise ValueError(f"session {session_id!r} is not paused on this engine ({state})")
+        park = self.parks.get(session_id)
+        if park is None:
+            return ParkedKv((), None, False)
+        kept = park.token_ids[: park.computed_tokens]
+        if park.holds_blocks:
+            blocks = self._park_blocks(park)[: self._blocks_for(len(kept))]
+            return ParkedKv(kept, tuple(blocks), False)
+        on_host = self.connector is not None and self.connector.holds(session_id)
+        return ParkedKv(kept, None, on_host)
+
+    def parked_state(self, session_id: str) -> ParkedState:
+        """The predictions a paused session's next engine should start from."""
+        record = self.records[session_id]
+        return ParkedState(
+            tool=record.tool,
+            predicted_api_s=record.predicted_api_s,
+            paused_for_s=time.monotonic() - record.paused_at_s,
+            predicted_decode_tokens=record.predicted_decode_tokens,
+            predicted_return_tokens=record.predicted_return_tokens,
+            turns=record.segment_index + 1,
+        )
+
+    def adopt_parked(
+        self, session_id: str, token_ids: tuple[int, ...], on_host: bool, state: ParkedState
+    ) -> None:
+        """Take in a paused session from another engine: parked here as a
+        swap (its KV a host copy, `on_host`) or as a discard (to recompute).
+        Raises ValueError when the session is live here or the host copy
+        does not fit."""
+        record = self.records.get(session_id)
+        if record is not None and record.phase is not Phase.FINISHED:
+            raise ValueError(f"session {session_id!r} is {record.phase.value} on this engine")
+        if on_host:
+            if self.connector is None:
+                raise ValueError("this engine has no KV connector to hold the session's KV")
+            self.connector.adopt_host_copy(session_id, token_ids)
+        now = time.monotonic()
+        strategy = Strategy.SWAP if on_host else Strategy.DISCARD
+        record = RequestRecord(session_id, first_arrival_s=now, queued_since_s=now)
+        record.tool = state.tool
+        record.predicted_api_s = state.predicted_api_s
+        record.predicted_decode_tokens = state.predicted_decode_tokens
+        record.predicted_return_tokens = state.predicted_return_tokens
+        record.segment_index = state.turns - 1
+        record.paused_at_s = now - state.paused_for_s
+        record.has_run = True
+        record.strategy = strategy
+        self.records[session_id] = record
+        self.parks[session_id] = Park(
+            None, token_ids, len(token_ids), strategy=strategy, holds_blocks=False
+        )
+        record.move(Phase.PAUSED, now, "migrated in", strategy=strategy)
 
     def parked_sessions_idle(self, max_idle_s: float, now: float) -> list[str]:
         """Sessions parked (awaiting their next turn) for more than `max_idle_s`."""

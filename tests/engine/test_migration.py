@@ -1,0 +1,161 @@
+"""A paused session moves to another engine with its KV (`workers.kv_transport`):
+exported from one real vLLM engine, imported into a second one started
+after the first stopped (vLLM holds one KV connector per process), and
+loaded there by the session's next turn, proved by vLLM's own count of the
+prompt tokens the turn did not compute and by the KV bytes themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.helpers import (
+    PRESERVE_IS_CHEAP,
+    SWAP_IS_CHEAP,
+    kv_blocks,
+    mars_engine,
+    next_context,
+    prompt,
+    run_turns,
+    step_until,
+    turn,
+)
+from workers.hints import SegmentHints
+from workers.kv_transport import SessionKv
+from workers.turns import TurnEnd
+
+pytestmark = pytest.mark.engine
+
+PROMPT_TOKENS = 90
+FIRST_TURN = 8
+KEPT = PROMPT_TOKENS + FIRST_TURN - 1  # KV exists for all but the last sampled token
+LONG_CALL = SegmentHints(tool="search", api_s=100.0)
+NEW_TOKENS = [5, 6, 7]
+
+
+def _first_turn(engine, session_id: str = "s", seed: int = 0) -> TurnEnd:
+    ends = run_turns(engine, turn("t1", prompt(PROMPT_TOKENS, seed=seed), session_id))
+    return ends["t1"]
+
+
+def _second_turn(engine, first: TurnEnd, session_id: str = "s") -> TurnEnd:
+    return run_turns(engine, turn("t2", next_context(first, NEW_TOKENS), session_id))["t2"]
+
+
+def _stacked(kv: SessionKv) -> torch.Tensor:
+    """The exported blocks as `kv_blocks` reads an engine's: [layers, blocks, ...]."""
+    (shard,) = kv.shards
+    return torch.stack([shard[name].float() for name in sorted(shard)])
+
+
+def test_a_preserved_session_moves_and_its_next_turn_loads_all_its_kv(tiny_model_dir):
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as source:
+        first = _first_turn(source)
+        assert source.session_info("s").strategy.value == "preserve"
+        kv = source.export_session("s")
+        assert kv.token_ids == (*first.prompt_token_ids, *first.output_token_ids)[:KEPT]
+        assert kv.num_blocks == 4 and kv.nbytes == 4 * 32 * source.scheduler.kv_bytes_per_token
+        assert torch.equal(_stacked(kv), kv_blocks(source, "s"))
+        # The source keeps the session until the move is committed.
+        assert source.session_info("s").strategy.value == "preserve"
+        stayed = _second_turn(source, first)
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as destination:
+        destination.import_session(kv)
+        info = destination.session_info("s")
+        assert (info.phase.value, info.strategy.value, info.kv_tokens) == ("paused", "swap", KEPT)
+        assert destination.scheduler.connector.free_host_tokens == (
+            destination.config.host_swap_tokens - KEPT
+        )
+        moved = _second_turn(destination, first)
+    assert moved.kv.loaded_tokens == moved.kv.cached_tokens == KEPT  # none recomputed
+    assert moved.kv.recomputed_tokens == 0
+    assert moved.kv.resumed_from.value == "swap"
+    assert moved.output_token_ids == stayed.output_token_ids  # temperature 0
+
+
+def test_a_swapped_session_moves_from_its_host_copy(tiny_model_dir):
+    with mars_engine(
+        tiny_model_dir, cost=SWAP_IS_CHEAP, num_kv_blocks=24, max_model_len=640
+    ) as source:
+        # Two parked sessions and a long generation: memory runs short and
+        # the policy swaps one of them out (as in test_strategies).
+        source.add_turn(turn("runner", prompt(40, seed=9), max_tokens=400))
+        for i, s in enumerate("ab"):
+            source.add_turn(turn(f"{s}1", prompt(PROMPT_TOKENS, seed=i), s, hints=LONG_CALL))
+        events = step_until(source, lambda: _swapped_out(source) is not None)
+        swapped = _swapped_out(source)
+        (first,) = [e for e in events if isinstance(e, TurnEnd) and e.request_id == f"{swapped}1"]
+        kv = source.export_session(swapped)
+        assert kv.num_blocks == 4 and kv.token_ids[-1] == first.output_token_ids[-2]
+        source.abort_turn("runner")
+    with mars_engine(tiny_model_dir, cost=SWAP_IS_CHEAP) as destination:
+        destination.import_session(kv)
+        moved = _second_turn(destination, first, swapped)
+        assert destination.record(swapped).swapped_in_tokens == KEPT
+    assert moved.kv.loaded_tokens == KEPT and moved.kv.recomputed_tokens == 0
+
+
+def _swapped_out(engine) -> str | None:
+    """A session whose KV is now only in its host copy."""
+    parks = engine.scheduler.parks
+    return next(
+        (
+            s
+            for s in "ab"
+            if s in parks and parks[s].strategy.value == "swap" and not parks[s].holds_blocks
+        ),
+        None,
+    )
+
+
+def test_a_discarded_session_moves_without_kv_and_is_recomputed(tiny_model_dir):
+    # vLLM's own policy: a paused session's KV is dropped at the next step.
+    with mars_engine(tiny_model_dir, policy="vllm") as source:
+        source.add_turn(turn("runner", prompt(40, seed=9), max_tokens=400))  # keeps it stepping
+        source.add_turn(turn("t1", prompt(PROMPT_TOKENS), "s", hints=LONG_CALL))
+        events = step_until(source, lambda: _strategy(source, "s") == "discard")
+        (first,) = [e for e in events if isinstance(e, TurnEnd)]
+        source.abort_turn("runner")
+        kv = source.export_session("s")
+        assert kv.shards is None and kv.nbytes == 0 and len(kv.token_ids) == KEPT
+    with mars_engine(tiny_model_dir, policy="vllm") as destination:
+        destination.import_session(kv)
+        assert _strategy(destination, "s") == "discard"
+        moved = _second_turn(destination, first)
+    assert moved.kv.loaded_tokens == moved.kv.cached_tokens == 0
+    assert moved.kv.recomputed_tokens == KEPT
+
+
+def test_a_move_that_does_not_fit_is_refused_and_leaves_nothing_behind(tiny_model_dir):
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as source:
+        with pytest.raises(ValueError, match="not paused on this engine"):
+            source.export_session("nobody")
+        first = _first_turn(source)
+        kv = source.export_session("s")
+        with pytest.raises(ValueError, match="'s' is paused on this engine"):
+            source.import_session(kv)  # it is still here
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP, host_swap_tokens=64) as small:
+        with pytest.raises(ValueError, match="host_swap_tokens"):
+            small.import_session(kv)
+        assert "s" not in small.scheduler.records and "s" not in small.scheduler.parks
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP, block_size=64) as other:
+        with pytest.raises(ValueError, match="block_size 32"):
+            other.import_session(kv)
+        bad = SessionKv(
+            kv.session_id,
+            kv.token_ids,
+            64,
+            [{name: t[:, :1] for name, t in kv.shards[0].items()}],
+            kv.state,
+        )
+        with pytest.raises(ValueError, match="this engine needs"):
+            other.import_session(bad)
+        assert "s" not in other.scheduler.records
+        # The refused session can still start here from scratch.
+        fresh = _second_turn(other, first)
+        assert fresh.kv.resumed_from is None
+
+
+def _strategy(engine, session_id: str) -> str | None:
+    strategy = engine.session_info(session_id).strategy
+    return strategy.value if strategy is not None else None
