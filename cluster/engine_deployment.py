@@ -40,6 +40,7 @@ from cluster.metrics import EngineMetrics
 from cluster.serve_env import freeze_startup_heap
 from workers.async_engine import AsyncMarsEngine, TurnFeed
 from workers.engine import EngineConfig, SessionInfo
+from workers.kv_transport import SessionKv
 from workers.turns import TurnEvent, TurnOutput, TurnRequest
 
 STARTUP_TIMEOUT_S = 600.0
@@ -178,10 +179,25 @@ class EngineInstance:
         engine = await self._ready()
         engine.abort(request_id)
 
-    async def end_session(self, session_id: str) -> None:
-        """Release a session's kept KV (its record is the cluster's)."""
+    async def end_session(self, session_id: str, reason: str = "session ended") -> None:
+        """Release a session's kept KV (its record is the cluster's); `reason`
+        lands in the engine's timeline of the session."""
         engine = await self._ready()
-        await engine.call(lambda e: e.end_session(session_id))
+        await engine.call(lambda e: e.end_session(session_id, reason))
+
+    async def export_session(self, session_id: str) -> SessionKv:
+        """A paused session's KV, for another instance (`cluster.migration`);
+        kept here until `end_session`."""
+        engine = await self._ready()
+        return await engine.call(lambda e: e.export_session(session_id))
+
+    async def import_session(self, kv: SessionKv) -> dict[str, int]:
+        """Park a session exported by another instance; its next turn here
+        loads the KV. Returns the tokens and bytes that came."""
+        engine = await self._ready()
+        await engine.call(lambda e: e.import_session(kv))
+        carried = kv.shards is not None
+        return {"kv_tokens": len(kv.token_ids) if carried else 0, "kv_bytes": kv.nbytes}
 
     async def session_info(self, session_id: str) -> SessionInfo:
         """The engine's view of a session: phase, KV strategy, timeline, counters."""

@@ -55,8 +55,9 @@ from cluster.errors import ApiError, unavailable
 from cluster.frontend import EngineUnavailable, FrontendSettings, build_frontend
 from cluster.logs import serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
+from cluster.migration import MigrationOutcome, migrate_paused_session
 from cluster.placement import InIngress, ViaScheduler
-from cluster.protocol import MarsExtension, unsupported_fields
+from cluster.protocol import MarsExtension, MigrateSessionRequest, unsupported_fields
 from cluster.serve_env import freeze_startup_heap
 from cluster.server_tools import ChatTurns, ServerTools
 from cluster.session_lifecycle import SessionConflict, SessionEvent
@@ -66,6 +67,19 @@ from workers.hints import SegmentHints
 from workers.tools import registry_for
 
 logger = serve_logger(__name__)
+
+OPERATOR_MIGRATION = "operator"
+"""The reason of a move asked for over HTTP (policies name their own)."""
+
+_MIGRATION_STATUS = {
+    MigrationOutcome.COMMITTED: 200,
+    MigrationOutcome.REFUSED: 409,
+    MigrationOutcome.ABORTED_CONFLICT: 409,
+    MigrationOutcome.ABORTED_SOURCE: 503,
+    MigrationOutcome.ABORTED_DESTINATION: 503,
+}
+"""The HTTP status of each outcome: a session that was not paused (or is
+there already) conflicts; an engine that failed is a retryable 503."""
 
 ENGINE_CALL_TIMEOUT_S = 10.0
 """Timeout of the ingress's unary calls to an engine (session info, end)."""
@@ -216,6 +230,32 @@ class Ingress:
             "strategy": engine.get("strategy") if engine else None,
             "engine": engine,
         }
+
+    @app.post("/v1/sessions/{session_id}/migrate")
+    async def migrate_session(self, session_id: str, body: MigrateSessionRequest) -> dict[str, Any]:
+        """Move a paused session, KV and all, to another instance
+        (`cluster.migration`); its next turn runs there."""
+        if body.instance_id not in self._engines:
+            known = ", ".join(sorted(self._engines))
+            raise ApiError(
+                400,
+                f"instance_id {body.instance_id!r} is not an instance of this application "
+                f"({known})",
+                kind="invalid_request_error",
+                param="instance_id",
+            )
+        record = await self._record(session_id)
+        migration = await migrate_paused_session(
+            record, body.instance_id, self._store, self._engines, reason=OPERATOR_MIGRATION
+        )
+        if self.metrics is not None:
+            self.metrics.observe_migration(migration, OPERATOR_MIGRATION)
+        status = _MIGRATION_STATUS[migration.outcome]
+        if status == 409:
+            raise ApiError(409, migration.reason, kind="conflict_error", param="session_id")
+        if status == 503:
+            raise unavailable(f"session {session_id!r} did not move: {migration.reason}")
+        return {"migration": migration.as_json()}
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str) -> dict[str, Any]:

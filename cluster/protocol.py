@@ -50,3 +50,11 @@ def unsupported_fields(body: Any, extra: dict[str, Any], *, chat: bool) -> dict[
         if getattr(body, name) != default:
             refused[name] = why
     return refused
+
+
+class MigrateSessionRequest(BaseModel):
+    """Body of `POST /v1/sessions/{session_id}/migrate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance_id: str = Field(description="the engine instance the paused session moves to")

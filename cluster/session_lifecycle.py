@@ -31,6 +31,10 @@ class SessionEvent(str, enum.Enum):
     TURN_FAILED = "turn_failed"
     """The turn ended without a response (engine lost, client gone): the
     record keeps the context it had before the turn."""
+    MIGRATED = "migrated"
+    """The paused session's KV moved to another instance (`cluster.migration`):
+    the record names the new one. Only a paused session moves, and only if
+    no turn started since the move began (the event names the last turn)."""
 
 
 _TRANSITIONS: dict[tuple[SessionState | None, SessionEvent], SessionState] = {
@@ -38,6 +42,7 @@ _TRANSITIONS: dict[tuple[SessionState | None, SessionEvent], SessionState] = {
     (SessionState.PAUSED, SessionEvent.TURN_STARTED): SessionState.GENERATING,
     (SessionState.GENERATING, SessionEvent.TURN_ENDED): SessionState.PAUSED,
     (SessionState.GENERATING, SessionEvent.TURN_FAILED): SessionState.PAUSED,
+    (SessionState.PAUSED, SessionEvent.MIGRATED): SessionState.PAUSED,
 }
 
 
@@ -52,6 +57,8 @@ class SessionConflict(Exception):
             message = f"session {session_id!r} is generating; wait for its turn to end"
         elif event is SessionEvent.TURN_STARTED:
             message = f"session {session_id!r} was started by another request meanwhile"
+        elif event is SessionEvent.MIGRATED:
+            message = f"session {session_id!r} had a turn meanwhile; it moves only while paused"
         else:
             message = f"session {session_id!r}: {event.value} does not match its current turn"
         super().__init__(message)

@@ -149,6 +149,73 @@ def test_a_full_history_client_resumes_on_its_instance_with_its_kv(server: str, 
     )
 
 
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_paused_session_moves_to_the_other_instance_and_resumes_there_with_its_kv(
+    server: str, client
+) -> None:
+    """The session's KV leaves its instance while it waits on a tool (one
+    stop-and-copy between the two engine replicas), and its next turn loads
+    it on the other instance instead of recomputing it: the same answer as a
+    twin session that never moved."""
+    history = [{"role": "user", "content": "look it up and come back to me"}]
+    first = _ask(client, "mover", history, max_tokens=8)
+    source = first.model_extra["mars"]["instance_id"]
+    (destination,) = {"default-0", "default-1"} - {source}
+    kept = first.usage.prompt_tokens + first.usage.completion_tokens - 1  # the last sampled: none
+
+    status, body = _post(f"{server}/v1/sessions/mover/migrate", {"instance_id": destination})
+    assert status == 200, body
+    moved = body["migration"]
+    assert (moved["outcome"], moved["source"], moved["destination"]) == (
+        "committed",
+        source,
+        destination,
+    )
+    assert moved["kv_tokens"] == kept and moved["kv_bytes"] > 0
+    status, session = _get(f"{server}/v1/sessions/mover")
+    assert (session["instance_id"], session["state"], session["strategy"]) == (
+        destination,
+        "paused",
+        "swap",
+    )
+    assert session["engine"]["timeline"][-1]["event"] == "migrated in"
+
+    history += [first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "user", "content": "here is what the tool said"}]
+    second = _ask(client, "mover", history)
+    mars = second.model_extra["mars"]
+    assert mars["instance_id"] == destination and mars["placed"] == "affinity"
+    assert mars["kv"]["loaded_tokens"] == kept and mars["kv"]["recomputed_tokens"] == 0
+    assert mars["kv"]["rebuilt_from_record"] is False
+    # The twin comes after: its prompt in the destination's prefix cache
+    # would have been found before the moved copy (and nothing loaded).
+    twin_first = _ask(client, "mover-twin", history[:1], max_tokens=8)
+    assert twin_first.choices[0].message.content == first.choices[0].message.content
+    twin_second = _ask(client, "mover-twin", history)
+    assert second.choices[0].message.content == twin_second.choices[0].message.content
+
+    # What cannot move is refused, naming why; the session stays as it was.
+    status, body = _post(f"{server}/v1/sessions/mover/migrate", {"instance_id": destination})
+    assert status == 409 and "already on" in body["error"]["message"], body
+    status, body = _post(f"{server}/v1/sessions/mover/migrate", {"instance_id": "nowhere"})
+    assert status == 400 and body["error"]["param"] == "instance_id", body
+    status, body = _post(f"{server}/v1/sessions/ghost/migrate", {"instance_id": source})
+    assert status == 404, body
+    status, body = _post(f"{server}/v1/sessions/mover/migrate", {"to": source})
+    assert status == 400 and "instance_id" in body["error"]["message"], body
+    assert _get(f"{server}/v1/sessions/mover")[1]["instance_id"] == destination
+
+
 CALC = {
     "type": "function",
     "function": {

@@ -63,6 +63,23 @@ def test_a_second_turn_of_a_generating_session_conflicts(store) -> None:
         store.transition("s1", SessionEvent.TURN_ENDED, "t1")
 
 
+def test_a_paused_session_moves_only_if_no_turn_came_in_between(store) -> None:
+    def to(instance):
+        return lambda r: replace(r, instance_id=instance)
+
+    store.start_turn(SessionRecord("s1", "default-0", turn_id="t1"))
+    with pytest.raises(SessionConflict, match="moves only while paused"):
+        store.transition("s1", SessionEvent.MIGRATED, "t1", to("default-1"))  # generating
+    store.transition("s1", SessionEvent.TURN_ENDED, "t1", _ended(range(9)))
+    moved = store.transition("s1", SessionEvent.MIGRATED, "t1", to("default-1"))
+    assert (moved.state, moved.instance_id, moved.tokens) == (SessionState.PAUSED, "default-1", 9)
+    store.transition("s1", SessionEvent.TURN_STARTED, "t2")
+    store.transition("s1", SessionEvent.TURN_ENDED, "t2")
+    with pytest.raises(SessionConflict, match="had a turn meanwhile"):  # read before t2
+        store.transition("s1", SessionEvent.MIGRATED, "t1", to("default-0"))
+    assert store.get_session("s1").instance_id == "default-1"
+
+
 def test_unknown_sessions(store) -> None:
     for call in (
         lambda: store.get_session("ghost"),
