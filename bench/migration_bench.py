@@ -126,9 +126,11 @@ async def _one(
     new = [rng.randrange(10, 400) for _ in range(NEW_TOKENS)]
     row: dict[str, Any] = {"method": method, "move_ms": None, "kv_bytes": 0}
     if method == "recompute":
-        first = await _complete(http, model, None, prompt, FIRST_TURN_TOKENS)
+        # A context of the same length that no instance has seen: no first
+        # turn, whose prompt would stay in some instance's prefix cache.
+        unseen = [rng.randrange(10, 400) for _ in range(len(prompt) + FIRST_TURN_TOKENS)]
         started = time.perf_counter()
-        second = await _complete(http, model, session, [*prompt, *first["token_ids"], *new], 1)
+        second = await _complete(http, model, session, [*unseen, *new], 1)
         return {**row, **_next_turn(second, started)}
     first = await _complete(http, model, session, prompt, FIRST_TURN_TOKENS)
     source = first["mars"]["instance_id"]
