@@ -112,7 +112,7 @@ async def measure(url: str, model: str, args: argparse.Namespace) -> list[dict[s
         for context in args.contexts:
             for repeat in range(args.repeats):
                 for method in METHODS:
-                    row = await _one(http, model, method, context, rng, instances)
+                    row = await _one_closed(http, model, method, context, rng, instances)
                     rows.append({"context_tokens": context, "repeat": repeat, **row})
                     print(_progress(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -124,7 +124,7 @@ async def _one(
     session = f"{method}-{context}-{rng.getrandbits(32):08x}"
     prompt = [rng.randrange(10, 400) for _ in range(context - FIRST_TURN_TOKENS + 1)]
     new = [rng.randrange(10, 400) for _ in range(NEW_TOKENS)]
-    row: dict[str, Any] = {"method": method, "move_ms": None, "kv_bytes": 0}
+    row: dict[str, Any] = {"method": method, "session_id": session, "move_ms": None, "kv_bytes": 0}
     if method == "recompute":
         # A context of the same length that no instance has seen: no first
         # turn, whose prompt would stay in some instance's prefix cache.
@@ -145,6 +145,17 @@ async def _one(
     started = time.perf_counter()
     second = await _complete(http, model, session, [*prompt, *first["token_ids"], *new], 1)
     return {**row, **_next_turn(second, started)}
+
+
+async def _one_closed(
+    http: Any, model: str, method: str, context: int, rng: random.Random, instances: list[str]
+) -> dict[str, Any]:
+    """`_one`, then the session ends: the KV of earlier sessions, parked,
+    would otherwise fill the instances and be swapped, under the rows that follow."""
+    row = await _one(http, model, method, context, rng, instances)
+    response = await http.delete(f"/v1/sessions/{row.pop('session_id')}")
+    response.raise_for_status()
+    return row
 
 
 def _next_turn(reply: dict[str, Any], started: float) -> dict[str, Any]:
