@@ -112,10 +112,10 @@ async def migrate_paused_session(
     refusal = _refusal(record, destination, engines)
     if refusal:
         return done(MigrationOutcome.REFUSED, refusal)
-    exported = engines[source].export_session.remote(session_id)
+    exported = _by_reference(engines[source]).export_session.remote(session_id)
     try:
         imported = await asyncio.wait_for(
-            engines[destination].import_session.remote(exported), timeout_s
+            _by_reference(engines[destination]).import_session.remote(exported), timeout_s
         )
     except Exception as exc:
         export_error = await _error_of(exported, timeout_s)
@@ -146,6 +146,14 @@ def _refusal(record: SessionRecord, destination: str, engines: Mapping[str, Any]
     if record.state is not SessionState.PAUSED:
         return f"session {record.session_id!r} is {record.state.value}; it moves only while paused"
     return ""
+
+
+def _by_reference(engine: Any) -> Any:
+    """The handle for the KV's path: its calls are Ray actor calls, whose
+    results travel through Ray's object store from the source replica to
+    the destination's (Serve's default gRPC transport between replicas caps a
+    message at 4 MB, a few thousand tokens of a small model's KV)."""
+    return engine.options(_by_reference=True)
 
 
 async def _error_of(response: Any, timeout_s: float) -> BaseException | None:

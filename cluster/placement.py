@@ -80,10 +80,10 @@ class Placer:
         that instance is healthy, whatever the policy; a turn without one
         goes where the longest prefix of its prompt was served (`prefix`,
         block hashes), if healthy; otherwise the policy decides."""
-        decision = self._sticky(affinity_instance, "affinity")
+        decision = self._sticky(affinity_instance, "affinity", draining_too=True)
         if decision is None and prefix_hashes:
             instance, _ = self._prefixes.longest(prefix_hashes)
-            decision = self._sticky(instance, "prefix")
+            decision = self._sticky(instance, "prefix", draining_too=False)
         if decision is None:
             decision = self._choose(session_id, prompt_tokens, affinity_instance)
         chosen = decision.instance_id
@@ -101,9 +101,13 @@ class Placer:
         )
         return decision
 
-    def _sticky(self, instance_id: str | None, reason: str) -> DispatchDecision | None:
+    def _sticky(
+        self, instance_id: str | None, reason: str, *, draining_too: bool
+    ) -> DispatchDecision | None:
+        """`instance_id` while it is healthy; a draining one only with
+        `draining_too` (a session it still holds, not a shared prefix)."""
         load = self._loads.get(instance_id) if instance_id is not None else None
-        if load is None or not load.healthy:
+        if load is None or not load.healthy or not (load.accepting or draining_too):
             return None
         return DispatchDecision(instance_id, reason)
 

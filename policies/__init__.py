@@ -29,6 +29,7 @@ from policies.engine_policy import (
     register_engine_policy,
 )
 from policies.memory import memory_over_time, memory_over_time_columns
+from policies.migration import PausedSession, drain_plan
 from policies.predictors import ApiDurationPredictor, DecodeLengthPredictor, StreamingStat
 from policies.prefix_index import PrefixIndex, block_hashes
 from policies.priced_rows import PricedRows
@@ -54,6 +55,7 @@ __all__ = [
     "EnginePolicy",
     "InstanceLoad",
     "NoInstanceAvailable",
+    "PausedSession",
     "PrefixIndex",
     "PricedRows",
     "RequestColumns",
@@ -70,6 +72,7 @@ __all__ = [
     "choose_strategy",
     "demotions",
     "dispatch_policy_names",
+    "drain_plan",
     "engine_policy_names",
     "make_dispatch_policy",
     "make_engine_policy",

@@ -9,8 +9,9 @@ state and threads it from one call to the next.
 
 Rules every policy follows (enforced by `DispatchPolicy.choose`):
 
-- an instance with ``healthy=False`` is never chosen; with no healthy
-  instance, `choose` raises `NoInstanceAvailable`;
+- an instance with ``healthy=False`` is never chosen; one with
+  ``accepting=False`` (draining) only for a session whose affinity it is;
+  with no such instance, `choose` raises `NoInstanceAvailable`;
 - ties are broken by the smallest `instance_id`, so a decision depends only
   on its inputs, never on the order of `loads`.
 
@@ -149,7 +150,11 @@ class InstanceLoad:
     predicted_backlog: float = 0.0
     """The engine's predicted memory-over-time backlog (token*s); 0 if unknown."""
     healthy: bool = True
-    """False: the instance must not get new work (failed, draining, unreachable)."""
+    """False: the instance must not get new work (failed, unreachable)."""
+    accepting: bool = True
+    """False: the instance is draining: no new session or sessionless
+    request goes there, while the sessions it holds still resume there
+    until they move (`policies.migration.drain_plan`)."""
     block_size: int = 32
     """Tokens per KV block."""
     paused_returns: tuple[tuple[float, int], ...] = ()
@@ -186,8 +191,9 @@ class InstanceLoad:
                 f"{self.instance_id!r}: preserved blocks are held, so they are not free"
             )
         _check_non_negative_float("predicted_backlog", self.predicted_backlog)
-        if not isinstance(self.healthy, bool):
-            raise ValueError(f"healthy must be a bool, got {self.healthy!r}")
+        for name in ("healthy", "accepting"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
         if self.block_size < 1:
@@ -310,12 +316,25 @@ def _healthy_by_id(request: DispatchRequest, loads: Sequence[InstanceLoad]) -> l
         if load.instance_id in seen:
             raise ValueError(f"instance_id {load.instance_id!r} appears twice in loads")
         seen.add(load.instance_id)
-    healthy = sorted((load for load in loads if load.healthy), key=lambda load: load.instance_id)
+    healthy = sorted(
+        (load for load in loads if load.healthy and _takes(request, load)),
+        key=lambda load: load.instance_id,
+    )
     if not healthy:
         who = "sessionless request" if request.session_id is None else repr(request.session_id)
-        known = f"all {len(seen)} unhealthy: {sorted(seen)}" if seen else "no instance is known"
+        known = (
+            f"all {len(seen)} unhealthy or draining: {sorted(seen)}"
+            if seen
+            else "no instance is known"
+        )
         raise NoInstanceAvailable(f"no healthy instance to place {who} on ({known})")
     return healthy
+
+
+def _takes(request: DispatchRequest, load: InstanceLoad) -> bool:
+    """Whether `load`'s instance takes `request`: a draining instance takes
+    only the sessions it holds (their affinity), until they move."""
+    return load.accepting or load.instance_id == request.affinity_instance
 
 
 def _best(
