@@ -86,6 +86,8 @@ class EngineInstance:
             adopt_into_serve_log(package)
         self._engine = AsyncMarsEngine(EngineConfig.model_validate(engine_config))
         self._feeds: dict[str, TurnFeed] = {}
+        self._accepting = True
+        """False while draining (`drain`): placement sends no new session here."""
         # The replica counts as started only once its engine has: Ray Serve
         # then routes nothing to it before, and `serve run` waits for it.
         self._engine.wait_started(timeout_s=STARTUP_TIMEOUT_S)
@@ -208,7 +210,25 @@ class EngineInstance:
         """This instance's `InstanceLoad` fields (`MarsScheduler.load_snapshot`)."""
         engine = await self._ready()
         snapshot = await engine.call(lambda e: e.scheduler.load_snapshot())
-        return {"instance_id": self.instance_id, **snapshot}
+        return {"instance_id": self.instance_id, **snapshot, "accepting": self._accepting}
+
+    async def drain(self) -> dict[str, Any]:
+        """Stop taking new sessions (placement sees it at its next load
+        refresh; the sessions held here still resume here until they move)
+        and return what must move: `paused` (session id, KV tokens) and the
+        turns `running`."""
+        engine = await self._ready()
+        if self._accepting:
+            logger.info("instance=%s draining: no new sessions", self.instance_id)
+        self._accepting = False
+        paused, running = await engine.call(lambda e: e.held_sessions())
+        return {"paused": paused, "running": running}
+
+    async def undrain(self) -> None:
+        """Take new sessions again."""
+        if not self._accepting:
+            logger.info("instance=%s takes new sessions again", self.instance_id)
+        self._accepting = True
 
     async def _repeat(
         self, period_s: float, work: Callable[[], Awaitable[None]], what: str

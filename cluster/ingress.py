@@ -55,7 +55,7 @@ from cluster.errors import ApiError, unavailable
 from cluster.frontend import EngineUnavailable, FrontendSettings, build_frontend
 from cluster.logs import serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
-from cluster.migration import MigrationOutcome, migrate_paused_session
+from cluster.migration import DRAIN, MigrationOutcome, drain_instance, migrate_paused_session
 from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import MarsExtension, MigrateSessionRequest, unsupported_fields
 from cluster.serve_env import freeze_startup_heap
@@ -63,6 +63,7 @@ from cluster.server_tools import ChatTurns, ServerTools
 from cluster.session_lifecycle import SessionConflict, SessionEvent
 from cluster.state_store import SessionRecord, UnknownSession, make_state_store
 from cluster.turn import Turn
+from policies import InstanceLoad, NoInstanceAvailable
 from workers.hints import SegmentHints
 from workers.tools import registry_for
 
@@ -185,7 +186,8 @@ class Ingress:
         healthy = [load["instance_id"] for load in loads if load["healthy"]]
         if not healthy:
             raise ApiError(503, "no engine instance is ready", kind="service_unavailable")
-        return {"status": "ready", "instances": healthy}
+        draining = [load["instance_id"] for load in loads if not load.get("accepting", True)]
+        return {"status": "ready", "instances": healthy, "draining": draining}
 
     @app.get("/v1/models")
     async def models(self):
@@ -235,15 +237,7 @@ class Ingress:
     async def migrate_session(self, session_id: str, body: MigrateSessionRequest) -> dict[str, Any]:
         """Move a paused session, KV and all, to another instance
         (`cluster.migration`); its next turn runs there."""
-        if body.instance_id not in self._engines:
-            known = ", ".join(sorted(self._engines))
-            raise ApiError(
-                400,
-                f"instance_id {body.instance_id!r} is not an instance of this application "
-                f"({known})",
-                kind="invalid_request_error",
-                param="instance_id",
-            )
+        self._check_instance(body.instance_id, status=400)
         record = await self._record(session_id)
         migration = await migrate_paused_session(
             record, body.instance_id, self._store, self._engines, reason=OPERATOR_MIGRATION
@@ -256,6 +250,50 @@ class Ingress:
         if status == 503:
             raise unavailable(f"session {session_id!r} did not move: {migration.reason}")
         return {"migration": migration.as_json()}
+
+    @app.post("/v1/instances/{instance_id}/drain")
+    async def drain_instance(self, instance_id: str) -> dict[str, Any]:
+        """One round of draining an instance: no new session goes there, and
+        the sessions paused on it move to the others (`cluster.migration`).
+        Repeat until `drained` (turns running now pause there first)."""
+        self._check_instance(instance_id, status=404)
+        try:
+            drain = await drain_instance(
+                instance_id,
+                self._store,
+                self._engines,
+                self._instance_loads,
+                block_size=self._services.block_size,
+            )
+        except NoInstanceAvailable as exc:
+            raise ApiError(409, str(exc), kind="conflict_error", param="instance_id") from None
+        if self.metrics is not None:
+            for migration in drain.migrations:
+                self.metrics.observe_migration(migration, DRAIN)
+        return drain.as_json()
+
+    @app.delete("/v1/instances/{instance_id}/drain")
+    async def undrain_instance(self, instance_id: str) -> dict[str, Any]:
+        """The instance takes new sessions again."""
+        self._check_instance(instance_id, status=404)
+        await asyncio.wait_for(self._engines[instance_id].undrain.remote(), ENGINE_CALL_TIMEOUT_S)
+        return {"instance_id": instance_id, "accepting": True}
+
+    def _check_instance(self, instance_id: str, *, status: int) -> None:
+        """An instance id named by the client: one of this application's,
+        or a `status` error naming the field and the known ids."""
+        if instance_id not in self._engines:
+            known = ", ".join(sorted(self._engines))
+            raise ApiError(
+                status,
+                f"instance_id {instance_id!r} is not an instance of this application ({known})",
+                kind="invalid_request_error" if status == 400 else "not_found_error",
+                param="instance_id",
+            )
+
+    async def _instance_loads(self) -> list[InstanceLoad]:
+        loads = await asyncio.wait_for(self._scheduler.loads.remote(), ENGINE_CALL_TIMEOUT_S)
+        return [InstanceLoad(**load) for load in loads]
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str) -> dict[str, Any]:

@@ -268,6 +268,17 @@ class MarsEngine:
             self._remember_ended(session_id)
 
     # ----------------------------------------------------------- migration
+    def held_sessions(self) -> tuple[list[tuple[str, int]], int]:
+        """What a drain must move off this engine: each paused session with
+        the context tokens of its KV, and how many turns run now (their
+        sessions pause here when they end)."""
+        paused = [
+            (session_id, park.computed_tokens)
+            for session_id, park in self.scheduler.parks.items()
+            if self.scheduler.records[session_id].phase is Phase.PAUSED
+        ]
+        return paused, len(self._live)
+
     def export_session(self, session_id: str) -> SessionKv:
         """A paused session's KV and predictions, for another engine
         (`workers.kv_transport`). The session stays here, KV and all, until

@@ -216,6 +216,65 @@ def test_a_paused_session_moves_to_the_other_instance_and_resumes_there_with_its
     assert _get(f"{server}/v1/sessions/mover")[1]["instance_id"] == destination
 
 
+def _wait_for_ready(server: str, predicate, timeout_s: float = 30.0) -> dict:
+    """`/ready` once `predicate(body)` holds (placement sees loads as of its
+    last refresh)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = _get(f"{server}/ready")
+        if status == 200 and predicate(body):
+            return body
+        assert time.monotonic() < deadline, f"/ready never showed it: {body}"
+        time.sleep(0.1)  # a poll's interval: the loop waits on the condition
+
+
+def test_a_drained_instance_hands_its_paused_sessions_over_and_gets_no_new_ones(
+    server: str, client
+) -> None:
+    firsts = {}
+    for i in range(4):
+        history = [{"role": "user", "content": f"drain test {i}: wait for the tool"}]
+        firsts[f"drain-{i}"] = (history, _ask(client, f"drain-{i}", history, max_tokens=4))
+    held = {s: r.model_extra["mars"]["instance_id"] for s, (_, r) in firsts.items()}
+    source = sorted(held.values())[0]  # one that holds at least one of them
+    (other,) = {"default-0", "default-1"} - {source}
+
+    status, drain = _post(f"{server}/v1/instances/{source}/drain", {})
+    assert status == 200, drain
+    assert drain["drained"] is True and drain["accepting"] is False, drain
+    moved = {m["session_id"]: m for m in drain["migrations"]}
+    assert {s for s, i in held.items() if i == source} <= set(moved)
+    assert all(m["outcome"] == "committed" and m["destination"] == other for m in moved.values())
+    _wait_for_ready(server, lambda body: body["draining"] == [source])
+    try:
+        fresh = _ask(client, "after-drain", [{"role": "user", "content": "a new session"}])
+        assert fresh.model_extra["mars"]["instance_id"] == other
+        for session, (history, first) in firsts.items():
+            history = [*history, first.choices[0].message.model_dump(exclude_none=True)]
+            history.append({"role": "user", "content": "the tool answered"})
+            mars = _ask(client, session, history).model_extra["mars"]
+            assert mars["instance_id"] == other and mars["kv"]["recomputed_tokens"] == 0
+            if session in moved:
+                assert mars["kv"]["loaded_tokens"] == moved[session]["kv_tokens"] > 0
+        status, again = _post(f"{server}/v1/instances/{source}/drain", {})
+        assert status == 200 and again["drained"] and again["migrations"] == [], again
+    finally:
+        status, body = _delete(f"{server}/v1/instances/{source}/drain")
+        assert (status, body) == (200, {"instance_id": source, "accepting": True})
+    _wait_for_ready(server, lambda body: body["draining"] == [])
+    status, body = _post(f"{server}/v1/instances/nowhere/drain", {})
+    assert status == 404 and body["error"]["param"] == "instance_id", body
+
+
+def _delete(url: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, method="DELETE")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 CALC = {
     "type": "function",
     "function": {
