@@ -10,6 +10,7 @@ prints as one clear line with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -212,6 +213,107 @@ def _cmd_dashboards_configmap(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# migrate / drain (an operator's calls to a running application)
+
+DEFAULT_URL = os.environ.get("MARS_SERVE_URL", "http://127.0.0.1:8000")
+DRAIN_POLL_S = 1.0
+"""Between two drain rounds: turns that ran during a round pause meanwhile."""
+
+
+def _add_migration_commands(groups: argparse._SubParsersAction) -> None:
+    migrate = groups.add_parser(
+        "migrate",
+        help="move a paused session, KV and all, to another engine instance",
+        description="POST /v1/sessions/SESSION/migrate: the session's KV is copied to "
+        "INSTANCE and its next turn runs there, loading it instead of recomputing it.",
+    )
+    migrate.add_argument("session", metavar="SESSION", help="session id")
+    migrate.add_argument("instance", metavar="INSTANCE", help="destination instance id")
+    migrate.add_argument("--url", default=DEFAULT_URL, help="endpoint (default: %(default)s)")
+    migrate.set_defaults(handler=_cmd_migrate)
+
+    drain = groups.add_parser(
+        "drain",
+        help="move every session off an instance and keep new ones away from it",
+        description="POST /v1/instances/INSTANCE/drain in rounds until the instance is "
+        "drained: no new session goes there, each paused session moves to another "
+        "instance, and turns running there finish first (their sessions move at the "
+        "next round). --undo lets the instance take new sessions again.",
+    )
+    drain.add_argument("instance", metavar="INSTANCE", help="instance id")
+    drain.add_argument("--url", default=DEFAULT_URL, help="endpoint (default: %(default)s)")
+    drain.add_argument(
+        "--timeout-s", type=float, default=600.0, help="give up after this long (default: 600)"
+    )
+    drain.add_argument("--undo", action="store_true", help="take new sessions again")
+    drain.set_defaults(handler=_cmd_drain)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    url = f"{args.url}/v1/sessions/{args.session}/migrate"
+    body = _call("POST", url, {"instance_id": args.instance})
+    print(_migration_line(body["migration"]))
+    return EXIT_OK
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    import time
+
+    url = f"{args.url}/v1/instances/{args.instance}/drain"
+    if args.undo:
+        _call("DELETE", url)
+        print(f"{args.instance}: takes new sessions again")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout_s
+    for round_ in itertools.count(1):
+        drain = _call("POST", url, {})
+        for migration in drain["migrations"]:
+            print(f"round {round_}: {_migration_line(migration)}")
+        for session in drain["released"]:
+            print(f"round {round_}: released {session} (its record is elsewhere or gone)")
+        if drain["drained"]:
+            print(f"{args.instance}: drained (no new sessions; `--undo` takes them again)")
+            return EXIT_OK
+        print(f"round {round_}: {drain['running_turns']} turns still running there")
+        if time.monotonic() + DRAIN_POLL_S > deadline:
+            raise TimeoutError(f"{args.instance} not drained after {args.timeout_s:g} s")
+        time.sleep(DRAIN_POLL_S)
+    raise AssertionError("unreachable")
+
+
+def _migration_line(migration: dict) -> str:
+    where = f"{migration['session_id']} {migration['source']} -> {migration['destination']}"
+    if migration["outcome"] != "committed":
+        return f"{where}: {migration['outcome']}: {migration['reason']}"
+    return (
+        f"{where}: moved {migration['kv_tokens']} tokens of KV "
+        f"({migration['kv_bytes'] / 2**20:.1f} MiB) in {migration['seconds']:.3f} s"
+    )
+
+
+def _call(method: str, url: str, body: dict | None = None) -> dict:
+    """One JSON call to the endpoint; its error message as a `UserError`
+    (the server names the field), or the connection's."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise UserError(f"{method} {url}: {exc.code} {message}") from None
+    except urllib.error.URLError as exc:
+        raise UserError(f"{method} {url}: {exc.reason} (is the application up? --url)") from None
+
+
+# --------------------------------------------------------------------------
 # parser and entry point
 
 _GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -219,6 +321,7 @@ _GROUPS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_validate_command,
     _add_cluster_commands,
     _add_dashboards_commands,
+    _add_migration_commands,
 )
 
 

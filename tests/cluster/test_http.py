@@ -216,6 +216,28 @@ def test_a_paused_session_moves_to_the_other_instance_and_resumes_there_with_its
     assert _get(f"{server}/v1/sessions/mover")[1]["instance_id"] == destination
 
 
+def test_the_cli_moves_a_session_and_drains_an_instance(server: str, client, capsys) -> None:
+    from cluster.cli import main
+
+    first = _ask(client, "cli-mover", [{"role": "user", "content": "move me by hand"}])
+    source = first.model_extra["mars"]["instance_id"]
+    (other,) = {"default-0", "default-1"} - {source}
+    assert main(["migrate", "cli-mover", other, "--url", server]) == 0
+    assert f"cli-mover {source} -> {other}: moved" in capsys.readouterr().out
+    assert main(["migrate", "cli-mover", "nowhere", "--url", server]) == 2
+    assert "400 instance_id 'nowhere' is not an instance" in capsys.readouterr().err
+
+    try:
+        assert main(["drain", other, "--url", server]) == 0
+        out = capsys.readouterr().out
+        assert f"cli-mover {other} -> {source}: moved" in out
+        assert f"{other}: drained" in out
+    finally:
+        assert main(["drain", other, "--undo", "--url", server]) == 0
+    assert f"{other}: takes new sessions again" in capsys.readouterr().out
+    _wait_for_ready(server, lambda body: body["draining"] == [])
+
+
 def _wait_for_ready(server: str, predicate, timeout_s: float = 30.0) -> dict:
     """`/ready` once `predicate(body)` holds (placement sees loads as of its
     last refresh)."""
