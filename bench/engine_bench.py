@@ -406,7 +406,8 @@ def measure_costs(model: str, kv_blocks: int, max_model_len: int) -> dict:
 
 
 # ------------------------------------------------------------------ helpers
-def machine_description() -> str:
+def machine_description(model: str = "tiny") -> str:
+    """The CPU, its count, the engine build and the model a run used."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -416,7 +417,7 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} CPUs, vLLM CPU, tiny model"
+    return f"{cpu}, {os.cpu_count()} CPUs, vLLM CPU, {model} model"
 
 
 def tokenizer_counter(model: str):

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summary": summary,
         "model": config.model.name,
-        "machine": machine_description(),
+        "machine": machine_description(config.model.name),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "systems": results,
         "comparison": compare(results),
-        "machine": machine_description(),
+        "machine": machine_description(base.model.name),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -795,7 +795,7 @@ def _context(args, shape: EngineShape, wall_s: float) -> dict[str, Any]:
         "predictor": args.predictor,
         "hints": args.hints,
         "host_swap_tokens": args.host_swap_tokens,
-        "machine": machine_description(),
+        "machine": machine_description(shape.model_name),
         "run_wall_s": wall_s,
         "loadavg_after": os.getloadavg()[0],
     }
