@@ -28,9 +28,18 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policies import CostModel, Strategy
+from workers import vllm_hooks
 from workers.hints import SegmentHints
 from workers.kv_connector import RECORD_DIGESTS_KEY
-from workers.kv_transport import SessionKv, read_device_blocks, read_host_copy, write_host_copy
+from workers.kv_transport import (
+    ParkedState,
+    RunningKv,
+    SessionKv,
+    read_device_blocks,
+    read_host_copy,
+    session_kv_from_stages,
+    write_host_copy,
+)
 from workers.lifecycle import Phase, RequestRecord, TimelineEvent
 from workers.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings
 from workers.tools import ToolCall, ToolRegistry, default_registry
@@ -213,6 +222,8 @@ class MarsEngine:
         self._timers: list[tuple[float, int, str, list[int]]] = []
         self._tie = itertools.count()
         self._ended: collections.deque[str] = collections.deque()
+        self._incoming: dict[str, list[RunningKv]] = {}
+        """Stages of requests moving here, by key (`stage_in`)."""
         if config.profile_costs and config.scheduler.cost is None:
             self.scheduler.set_cost_model(self.profile_costs())
 
@@ -299,6 +310,58 @@ class MarsEngine:
             shards=shards,
             state=self.scheduler.parked_state(session_id),
         )
+
+    def running_kv(
+        self, request_id: str, first_block: int, *, stop: bool, copy: bool = True
+    ) -> RunningKv:
+        """A stage of moving a running turn to another engine: host copies
+        of its blocks from `first_block` on, the finished ones while it goes
+        on decoding here, or with `stop` all of them (the last one partly
+        written), after which the turn is aborted here. Without `copy`,
+        nothing is read (a move that recomputes the KV)."""
+        live = self._live.get(request_id)
+        if live is None:
+            raise ValueError(f"request_id {request_id!r} is not running on this engine")
+        request = self.scheduler.requests[live.engine_request_id]
+        computed = request.num_computed_tokens
+        size = self.config.block_size
+        last = -(-computed // size) if stop else computed // size
+        block_ids = tuple(
+            vllm_hooks.block_ids(self.scheduler.kv_cache_manager, live.engine_request_id)[
+                first_block:last
+            ]
+        )
+        shards = None
+        if copy and block_ids:
+            shards = self._llm.collective_rpc(read_device_blocks, args=(block_ids,))
+        stage = RunningKv(
+            request_id,
+            tuple(request.all_token_ids),
+            computed,
+            first_block,
+            len(block_ids) if shards is not None else 0,
+            shards,
+        )
+        if stop:
+            self.abort_turn(request_id)
+        return stage
+
+    def stage_in(self, key: str, stage: RunningKv) -> None:
+        """Hold one stage of a request moving here (host memory) until
+        `commit_incoming`: the stages copied while it still decodes on its
+        source travel before it stops, so that only the last one is on the
+        move's critical path."""
+        self._incoming.setdefault(key, []).append(stage)
+
+    def commit_incoming(self, key: str, last: RunningKv, state: ParkedState) -> None:
+        """The last stage of a moving request: park its whole KV here under
+        `key` (`import_session`), for the turn that continues it."""
+        stages = [*self._incoming.pop(key, []), last]
+        self.import_session(session_kv_from_stages(key, stages, self.config.block_size, state))
+
+    def drop_incoming(self, key: str) -> None:
+        """Forget the stages of a move that did not complete."""
+        self._incoming.pop(key, None)
 
     def import_session(self, kv: SessionKv) -> None:
         """Park a session exported by another engine: its next turn here

@@ -64,6 +64,64 @@ class SessionKv:
         return sum(t.numel() * t.element_size() for shard in self.shards for t in shard.values())
 
 
+@dataclass(frozen=True)
+class RunningKv:
+    """One stage of a running request's KV (`MarsEngine.running_kv`): its
+    blocks `first_block` to `first_block + num_blocks - 1`, read while it
+    decodes (finished blocks only) or once it stopped (all of them)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    """The request's tokens when the stage was read (prompt and generated)."""
+    computed_tokens: int
+    """Tokens whose KV the request had computed then."""
+    first_block: int
+    num_blocks: int
+    shards: list[dict[str, torch.Tensor]] | None
+    """Per worker rank, each layer's blocks; None when nothing was copied."""
+
+    @property
+    def nbytes(self) -> int:
+        if self.shards is None:
+            return 0
+        return sum(t.numel() * t.element_size() for shard in self.shards for t in shard.values())
+
+
+def session_kv_from_stages(
+    key: str, stages: list[RunningKv], block_size: int, state: ParkedState
+) -> SessionKv:
+    """The KV of a request moved in `stages` (in order, each starting where
+    the previous ended, the last read once it stopped), as one `SessionKv`
+    under `key`: what the destination imports before continuing it."""
+    import torch
+
+    copied = [stage for stage in stages if stage.shards is not None]
+    expected = 0
+    for stage in copied:
+        if stage.first_block != expected:
+            raise ValueError(
+                f"stage of request {stage.request_id} starts at block {stage.first_block}, "
+                f"expected {expected}: a stage is missing"
+            )
+        expected += stage.num_blocks
+    last = stages[-1]
+    ranks = len(copied[0].shards) if copied else 0
+    shards = [
+        {
+            name: torch.cat([stage.shards[rank][name] for stage in copied])
+            for name in copied[0].shards[rank]
+        }
+        for rank in range(ranks)
+    ]
+    return SessionKv(
+        session_id=key,
+        token_ids=last.token_ids[: last.computed_tokens],
+        block_size=block_size,
+        shards=shards or None,
+        state=state,
+    )
+
+
 def read_device_blocks(worker: object, block_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """On a worker (`collective_rpc`): host copies of its shard of the blocks."""
     return _connector().read_blocks(block_ids)

@@ -22,7 +22,7 @@ from tests.engine.helpers import (
 )
 from workers.hints import SegmentHints
 from workers.kv_transport import SessionKv
-from workers.turns import TurnEnd
+from workers.turns import SessionAction, TurnEnd
 
 pytestmark = pytest.mark.engine
 
@@ -159,3 +159,43 @@ def test_a_move_that_does_not_fit_is_refused_and_leaves_nothing_behind(tiny_mode
 def _strategy(engine, session_id: str) -> str | None:
     strategy = engine.session_info(session_id).strategy
     return strategy.value if strategy is not None else None
+
+
+def test_a_running_request_moves_in_stages_and_goes_on_with_the_same_tokens(tiny_model_dir):
+    """Llumnix's live migration on two real engines: the finished blocks are
+    copied while the request decodes, the rest once it stops; the second
+    engine loads them all and continues it, token for token as if it had
+    never moved (temperature 0)."""
+    from workers.kv_transport import ParkedState
+
+    total = 48
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as source:
+        expected = run_turns(source, turn("ref", prompt(PROMPT_TOKENS, seed=3), max_tokens=total))
+        expected = expected["ref"].output_token_ids
+        source.add_turn(turn("r", prompt(PROMPT_TOKENS, seed=3), max_tokens=total))
+        step_until(source, lambda: _generated(source, "r") >= 8)
+        early = source.running_kv("r", 0, stop=False)
+        assert early.num_blocks == (PROMPT_TOKENS + 7) // 32 and early.shards is not None
+        step_until(source, lambda: _generated(source, "r") >= 20)
+        last = source.running_kv("r", early.first_block + early.num_blocks, stop=True)
+        assert "r" not in source.scheduler.requests  # stopped: its blocks are free
+        with pytest.raises(ValueError, match="not running"):
+            source.running_kv("r", 0, stop=True)
+    generated = list(last.token_ids[PROMPT_TOKENS:])
+    assert last.computed_tokens == PROMPT_TOKENS + len(generated) - 1
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as destination:
+        with pytest.raises(ValueError, match="a stage is missing"):
+            destination.commit_incoming("k", last, ParkedState(None, None, 0.0, 1, 0, 1))
+        destination.stage_in("moving", early)
+        remaining = total - len(generated)
+        destination.commit_incoming("moving", last, ParkedState(None, None, 0.0, remaining, 0, 1))
+        continued = turn(
+            "r2", list(last.token_ids), "moving", max_tokens=remaining, action=SessionAction.END
+        )
+        end = run_turns(destination, continued)["r2"]
+    assert end.kv.loaded_tokens == last.computed_tokens and end.kv.recomputed_tokens == 0
+    assert (*generated, *end.output_token_ids) == expected
+
+
+def _generated(engine, request_id: str) -> int:
+    return len(engine._live[request_id].token_ids) if request_id in engine._live else 0
