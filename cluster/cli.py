@@ -221,6 +221,20 @@ DRAIN_POLL_S = 1.0
 
 
 def _add_migration_commands(groups: argparse._SubParsersAction) -> None:
+    status = groups.add_parser(
+        "status",
+        help="the engine instances of a running application: node, load, KV, paused sessions",
+        description="GET /v1/instances of the application at --url: each engine instance "
+        "with its Ray node, whether it takes new sessions, its running and waiting turns, "
+        "its KV blocks in use and its paused sessions by KV strategy "
+        "(preserved/discarded/swapped).",
+    )
+    status.add_argument("--url", default=DEFAULT_URL, help="endpoint (default: %(default)s)")
+    status.add_argument(
+        "--watch", type=float, default=None, metavar="SECONDS", help="repeat every SECONDS"
+    )
+    status.set_defaults(handler=_cmd_status)
+
     migrate = groups.add_parser(
         "migrate",
         help="move a paused session, KV and all, to another engine instance",
@@ -247,6 +261,43 @@ def _add_migration_commands(groups: argparse._SubParsersAction) -> None:
     )
     drain.add_argument("--undo", action="store_true", help="take new sessions again")
     drain.set_defaults(handler=_cmd_drain)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    if args.watch is not None and args.watch <= 0:
+        raise UserError(f"--watch must be a positive number of seconds, got {args.watch:g}")
+    while True:
+        listed = _call("GET", f"{args.url}/v1/instances")["instances"]
+        print(format_status(args.url, listed))
+        if args.watch is None:
+            return EXIT_OK
+        time.sleep(args.watch)
+        print()
+
+
+def format_status(url: str, instances: list[dict]) -> str:
+    """The table `mars-serve status` prints: one line per instance."""
+    lines = [
+        f"endpoint {url}/v1",
+        f"{'instance':<14} {'node':<16} {'state':<9} {'running':>7} {'waiting':>7} "
+        f"{'KV used':>11} {'paused P/D/S':>12}",
+    ]
+    for i in instances:
+        if not i["healthy"]:
+            lines.append(f"{i['instance_id']:<14} {'?':<16} {'down':<9} {i['error']}")
+            continue
+        state = "serving" if i["accepting"] else "draining"
+        used = f"{i['total_blocks'] - i['free_blocks']}/{i['total_blocks']}"
+        paused = "/".join(
+            str(i[f"paused_{s}_sessions"]) for s in ("preserved", "discarded", "swapped")
+        )
+        lines.append(
+            f"{i['instance_id']:<14} {i['node_ip']:<16} {state:<9} {i['running']:>7} "
+            f"{i['waiting']:>7} {used:>11} {paused:>12}"
+        )
+    return "\n".join(lines)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

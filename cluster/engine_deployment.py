@@ -212,6 +212,21 @@ class EngineInstance:
         snapshot = await engine.call(lambda e: e.scheduler.load_snapshot())
         return {"instance_id": self.instance_id, **snapshot, "accepting": self._accepting}
 
+    async def describe(self) -> dict[str, Any]:
+        """This instance for an operator (`GET /v1/instances`): where it runs
+        (Ray node, process) and its load."""
+        import os
+
+        import ray
+
+        context = ray.get_runtime_context()
+        return {
+            **await self.load(),
+            "node_id": context.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+        }
+
     async def drain(self) -> dict[str, Any]:
         """Stop taking new sessions (placement sees it at its next load
         refresh; the sessions held here still resume here until they move)

@@ -251,6 +251,23 @@ class Ingress:
             raise unavailable(f"session {session_id!r} did not move: {migration.reason}")
         return {"migration": migration.as_json()}
 
+    @app.get("/v1/instances")
+    async def instances(self) -> dict[str, Any]:
+        """Every engine instance, where it runs and its load; one that does
+        not answer within `ENGINE_CALL_TIMEOUT_S` is listed with its error."""
+        ids = sorted(self._engines)
+        calls = [
+            asyncio.wait_for(self._engines[i].describe.remote(), ENGINE_CALL_TIMEOUT_S) for i in ids
+        ]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        listed = []
+        for instance_id, answer in zip(ids, answers, strict=True):
+            if isinstance(answer, BaseException):
+                listed.append({"instance_id": instance_id, "healthy": False, "error": repr(answer)})
+            else:
+                listed.append({**answer, "healthy": True})
+        return {"instances": listed}
+
     @app.post("/v1/instances/{instance_id}/drain")
     async def drain_instance(self, instance_id: str) -> dict[str, Any]:
         """One round of draining an instance: no new session goes there, and

@@ -232,6 +232,15 @@ def test_the_cli_moves_a_session_and_drains_an_instance(server: str, client, cap
         out = capsys.readouterr().out
         assert f"cli-mover {other} -> {source}: moved" in out
         assert f"{other}: drained" in out
+        assert main(["status", "--url", server]) == 0
+        table = capsys.readouterr().out.splitlines()
+        (line,) = [row for row in table if row.startswith(other)]
+        import ray
+
+        node_ip = ray.util.get_node_ip_address()  # one node: the engines' too
+        assert node_ip in line and "draining" in line, table
+        (line,) = [row for row in table if row.startswith(source)]
+        assert "serving" in line, table
     finally:
         assert main(["drain", other, "--undo", "--url", server]) == 0
     assert f"{other}: takes new sessions again" in capsys.readouterr().out
