@@ -52,9 +52,11 @@ METHODS = ("migrate", "blocking_copy", "recompute")
 BLOCK_SIZE = 32
 GENERATED_BEFORE_MOVE = 8
 """Tokens the request decodes on the source before the move starts."""
-TOTAL_TOKENS = 96
+TOTAL_TOKENS = 256
 """Tokens the request generates in all, on the source and then the
-destination (compared with an uninterrupted run of it)."""
+destination (compared with an uninterrupted run of it): enough that the
+tiny model, at a token every 1-2 ms, is still decoding when the move's
+calls reach it."""
 STOP_BELOW_BLOCKS = 2
 """The multi-stage move stops the request once fewer new finished blocks
 than this are left to copy (Llumnix: 16 blocks of 16 tokens on GPUs; a
@@ -65,7 +67,12 @@ CALL_TIMEOUT_S = 600.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="local model directory")
-    p.add_argument("--contexts", default="256,1024,2048,4000")
+    p.add_argument(
+        "--contexts",
+        default="256,1024,2048,3840",
+        help="tokens of context when the move starts (the tiny model's positions end at "
+        "4,096, the request's 256 tokens included)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stages", type=int, default=3, help="most copies before the stop")
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def engine_config(model: Path, context: int) -> dict[str, Any]:
     """One engine with room for the request (twice, for the reference run's
     prefix in the cache) and host space for its imported KV."""
-    max_model_len = -(-(context + TOTAL_TOKENS + 1) // BLOCK_SIZE) * BLOCK_SIZE
+    longest = context - GENERATED_BEFORE_MOVE + TOTAL_TOKENS  # the prompt and every token
+    max_model_len = -(-longest // BLOCK_SIZE) * BLOCK_SIZE
     return {
         "model": str(model),
         "block_size": BLOCK_SIZE,
@@ -259,12 +267,14 @@ async def measure_context(
     rows = []
     try:
         for repeat in range(args.repeats):
-            prompt = [rng.randrange(10, 400) for _ in range(context - GENERATED_BEFORE_MOVE)]
-            reference = f"ref-{context}-{repeat}"
-            await source.start.remote(_turn(reference, prompt, TOTAL_TOKENS))
-            expected = [t for _, t in await source.wait.remote(reference, None)]
             for method in METHODS:
+                # A prompt of its own for each move: the destination's prefix
+                # cache keeps what an earlier continuation computed or loaded.
+                prompt = [rng.randrange(10, 400) for _ in range(context - GENERATED_BEFORE_MOVE)]
                 tag = f"{method}-{context}-{repeat}"
+                reference = f"ref-{tag}"
+                await source.start.remote(_turn(reference, prompt, TOTAL_TOKENS))
+                expected = [t for _, t in await source.wait.remote(reference, None)]
                 row = await move_once(source, destination, method, prompt, tag, args.stages)
                 tokens = row.pop("tokens")
                 row.update(
