@@ -19,9 +19,10 @@ first to the second while it decodes:
 Downtime: from the source's last token to the destination's first. The
 continuation must produce the tokens the uninterrupted request produced
 (temperature 0); a row that does not is reported as such. Rows go to
-``docs/results/migration_downtime.json`` with the keys the issue asks for
-(``context_tokens``, ``method``, ``downtime_ms``, ``stages``, ``bytes``) and
-the rest of what was measured.
+``docs/results/migration_downtime.json`` (``--out``), a list with the keys
+the issue asks for (``context_tokens``, ``method``, ``downtime_ms``,
+``stages``, ``bytes``) and the rest of what was measured; the medians and
+the issue's two goals go to ``..._summary.json`` beside it.
 
     python -m bench.migration_downtime
     python -m bench.migration_downtime --model models/smollm2 --contexts 256,1024,2048,4096
@@ -342,17 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     summary = summarize(rows)
+    machine = machine_description(args.model.name)
+    for row in rows:
+        row["machine"] = machine
     report = {
-        "rows": rows,
         "summary": summary,
         "model": args.model.name,
-        "machine": machine_description(args.model.name),
+        "machine": machine,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+    summary_out = args.out.with_name(args.out.stem + "_summary.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    summary_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {summary_out}")
     return 0
 
 
