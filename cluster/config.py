@@ -108,6 +108,9 @@ class EnginePolicySettings(BaseModel):
         return self
 
 
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
 class InstanceResources(BaseModel):
     """What Ray reserves for each engine instance of a pool."""
 
@@ -120,6 +123,25 @@ class InstanceResources(BaseModel):
     accelerator_type: str | None = Field(
         None, description="Ray's accelerator type the GPUs must be (e.g. L4, A100, H100)"
     )
+
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each instance takes, e.g. {zone_a: 1}: the pool's "
+        "instances go only to nodes started with them (ray start --resources)",
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name or name in _RAY_BUILTIN_RESOURCES or name.startswith("node:"):
+                raise ValueError(
+                    f"custom resource {name!r}: give cpus, gpus or accelerator_type for "
+                    "Ray's own resources; a custom one names what `ray start --resources` gave"
+                )
+            if not amount > 0:
+                raise ValueError(f"custom resource {name!r} must be > 0, got {amount!r}")
+        return value
 
     @field_validator("accelerator_type")
     @classmethod

@@ -31,6 +31,8 @@ class InstancePlacement:
     accelerator_type: str | None
     bundles: tuple[dict[str, float], ...] = ()
     """One per tensor parallel rank (empty: no placement group)."""
+    custom: tuple[tuple[str, float], ...] = ()
+    """Ray custom resources the instance takes (`InstanceResources.custom`)."""
 
     def deployment_options(self) -> dict[str, Any]:
         """`serve.deployment` keyword arguments (the replica's `ray_actor_options`
@@ -40,6 +42,8 @@ class InstancePlacement:
             actor["num_gpus"] = self.num_gpus
             if self.accelerator_type is not None:
                 actor["accelerator_type"] = self.accelerator_type
+        if not self.bundles and self.custom:
+            actor["resources"] = dict(self.custom)
         options: dict[str, Any] = {"ray_actor_options": actor}
         if self.bundles:
             options["placement_group_bundles"] = [dict(b) for b in self.bundles]
@@ -52,7 +56,7 @@ class InstancePlacement:
         needs: dict[str, float] = {"CPU": self.num_cpus}
         if self.num_gpus:
             needs["GPU"] = self.num_gpus
-        return needs
+        return {**needs, **dict(self.custom)}
 
 
 def accelerator_resource(accelerator_type: str) -> str:
@@ -66,16 +70,21 @@ def instance_placement(
     """The reservation of one instance of a pool with `resources` whose
     engine shards the model over `tensor_parallel_size` GPUs (the config
     has checked that they agree)."""
+    custom = tuple(sorted(resources.custom.items()))
     if tensor_parallel_size <= 1:
-        return InstancePlacement(resources.cpus, resources.gpus, resources.accelerator_type)
+        return InstancePlacement(
+            resources.cpus, resources.gpus, resources.accelerator_type, custom=custom
+        )
     gpu_bundle: dict[str, float] = {"GPU": 1}
     if resources.accelerator_type is not None:
         # A sliver of the node's accelerator resource pins the bundle to that
         # GPU type, as Ray's own accelerator_type option does for an actor.
         gpu_bundle[accelerator_resource(resources.accelerator_type)] = 0.001
-    first = {"CPU": resources.cpus, **gpu_bundle}
+    first = {"CPU": resources.cpus, **gpu_bundle, **resources.custom}
     bundles = (first, *(dict(gpu_bundle) for _ in range(tensor_parallel_size - 1)))
-    return InstancePlacement(resources.cpus, resources.gpus, resources.accelerator_type, bundles)
+    return InstancePlacement(
+        resources.cpus, resources.gpus, resources.accelerator_type, bundles, custom
+    )
 
 
 def pool_placements(config: ServingConfig) -> dict[str, InstancePlacement]:

@@ -76,6 +76,17 @@ def test_cpu_pools_keep_the_cpu_defaults() -> None:
     }
 
 
+def test_custom_resources_pin_an_instance_to_the_nodes_that_offer_them() -> None:
+    placement = instance_placement(InstanceResources(custom={"zone_a": 1}), 1)
+    assert placement.deployment_options() == {
+        "ray_actor_options": {"num_cpus": 1.0, "resources": {"zone_a": 1}}
+    }
+    assert placement.node_needs() == {"CPU": 1.0, "zone_a": 1}
+    sharded = instance_placement(InstanceResources(gpus=2, custom={"zone_a": 1}), 2)
+    first, second = sharded.deployment_options()["placement_group_bundles"]
+    assert first == {"CPU": 1.0, "GPU": 1, "zone_a": 1} and second == {"GPU": 1}
+
+
 def _pool(resources: str, engine: str = "") -> str:
     return MINIMAL + f"pools:\n  - name: g\n    resources:\n{resources}{engine}"
 
@@ -99,6 +110,8 @@ def _pool(resources: str, engine: str = "") -> str:
         (_pool("      accelerator_type: L4\n"), "accelerator_type 'L4' is given but gpus is 0"),
         (_pool("      gpu: 1\n"), "pools.0.resources.gpu: unknown field"),
         (_pool("      cpus: 0\n"), "pools.0.resources.cpus"),
+        (_pool("      custom: {GPU: 1}\n"), "custom resource 'GPU': give cpus, gpus"),
+        (_pool("      custom: {zone_a: 0}\n"), "custom resource 'zone_a' must be > 0"),
     ],
 )
 def test_bad_placement_is_refused_naming_the_field(tmp_path: Path, text: str, message: str) -> None:
