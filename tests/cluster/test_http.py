@@ -284,9 +284,15 @@ def test_a_drained_instance_hands_its_paused_sessions_over_and_gets_no_new_ones(
             history = [*history, first.choices[0].message.model_dump(exclude_none=True)]
             history.append({"role": "user", "content": "the tool answered"})
             mars = _ask(client, session, history).model_extra["mars"]
-            assert mars["instance_id"] == other and mars["kv"]["recomputed_tokens"] == 0
+            assert mars["instance_id"] == other, mars
             if session in moved:
-                assert mars["kv"]["loaded_tokens"] == moved[session]["kv_tokens"] > 0
+                # What the move carried is loaded, not recomputed. MARS may
+                # have demoted a paused session's KV to DISCARD before the
+                # drain (its pause outgrew the waste of holding it): such a
+                # move carries no KV, and that turn recomputes.
+                carried = moved[session]["kv_tokens"]
+                assert mars["kv"]["loaded_tokens"] == carried, (session, mars, moved)
+                assert (mars["kv"]["recomputed_tokens"] == 0) == (carried > 0), (session, mars)
         status, again = _post(f"{server}/v1/instances/{source}/drain", {})
         assert status == 200 and again["drained"] and again["migrations"] == [], again
     finally:
