@@ -104,7 +104,13 @@ def build_from_config(config: ServingConfig) -> Application:
         num_replicas=1,
         max_ongoing_requests=4096,
         logging_config=INTERNAL_CALLS_LOGGING,
-    ).bind(engines, config.dispatch.model_dump(), metrics=config.metrics)
+    ).bind(
+        engines,
+        config.dispatch.model_dump(),
+        metrics=config.metrics,
+        migration=config.migration.model_dump(),
+        state_store=store,
+    )
     ingress = serve.deployment(
         serve.ingress(app)(Ingress),
         name="ingress",

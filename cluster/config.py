@@ -14,7 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policies import check_engine_policy_name, make_dispatch_policy, make_engine_policy
+from policies import (
+    check_engine_policy_name,
+    make_dispatch_policy,
+    make_engine_policy,
+    make_migration_policy,
+)
 from workers.yaml_config import ConfigError, load_yaml
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -186,6 +191,32 @@ class DispatchSettings(BaseModel):
         return self
 
 
+class MigrationSettings(BaseModel):
+    """Moves the global scheduler makes by itself (`policies.migration`);
+    an operator's moves and drains need none of this."""
+
+    model_config = _STRICT
+
+    policy: str | None = Field(
+        None,
+        description="migration policy that moves paused sessions between instances "
+        "(relocate_paused); None: sessions move only when an operator moves or drains them",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+    interval_s: float = Field(
+        1.0, gt=0, description="seconds between two rounds of the policy over the latest loads"
+    )
+
+    @model_validator(mode="after")
+    def _buildable(self) -> MigrationSettings:
+        if self.policy is None:
+            if self.params:
+                raise ValueError(f"params {sorted(self.params)} given without a policy")
+        else:
+            make_migration_policy(self.policy, **self.params)  # ValueError names the problem
+        return self
+
+
 class StateStoreSettings(BaseModel):
     model_config = _STRICT
 
@@ -237,6 +268,7 @@ class ServingConfig(BaseModel):
     instances: int | None = Field(None, ge=1, le=64, description="shorthand: one pool of N")
     pools: list[Pool] | None = None
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    migration: MigrationSettings = Field(default_factory=MigrationSettings)
     state_store: StateStoreSettings = Field(default_factory=StateStoreSettings)
     tools: list[ToolSettings] = Field(default_factory=list)
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -265,6 +297,12 @@ class ServingConfig(BaseModel):
                 f"http.ingress_replicas is {self.http.ingress_replicas}, but sessions live in "
                 "each replica's own memory without state_store.url: give a Redis URL so every "
                 "replica sees every session"
+            )
+        if self.migration.policy is not None and self.state_store.url is None:
+            raise ValueError(
+                f"migration.policy is {self.migration.policy!r}, but a move commits the "
+                "session's record where the global scheduler can reach it: give "
+                "state_store.url (Redis)"
             )
         return self
 

@@ -38,6 +38,7 @@ from typing import Any
 from cluster.logs import adopt_into_serve_log, serve_logger
 from cluster.metrics import EngineMetrics
 from cluster.serve_env import freeze_startup_heap
+from policies import PausedSession
 from workers.async_engine import AsyncMarsEngine, TurnFeed
 from workers.engine import EngineConfig, SessionInfo
 from workers.kv_transport import SessionKv
@@ -238,6 +239,13 @@ class EngineInstance:
         self._accepting = False
         paused, running = await engine.call(lambda e: e.held_sessions())
         return {"paused": paused, "running": running}
+
+    async def paused_sessions(self) -> list[PausedSession]:
+        """The sessions paused here, as a migration policy weighs them
+        (`MarsEngine.held_sessions`)."""
+        engine = await self._ready()
+        paused, _ = await engine.call(lambda e: e.held_sessions())
+        return paused
 
     async def undrain(self) -> None:
         """Take new sessions again."""

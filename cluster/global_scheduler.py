@@ -13,6 +13,12 @@ restart of this actor loses nothing, and placing a new session needs no
 store round trip. A lone ingress replica places sessions itself from this
 actor's `loads` (one Ray call per session less); with several ingress
 replicas every new session is placed here, so their decisions stay coherent.
+
+With a migration policy in the serving config (`migration.policy`), a
+second background task runs the policy every `migration.interval_s` over
+the same loads and moves the paused sessions it picks
+(`cluster.migration.relocation_round`), committing each move in the state
+store (Redis) as the ingress's moves do.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import asyncio
 from typing import Any
 
 from cluster.logs import serve_logger
+from cluster.metrics import MigrationMetrics
+from cluster.migration import RELOCATION, MigrationOutcome, relocation_round
 from cluster.placement import LoadView, Placer
 from cluster.serve_env import freeze_startup_heap
-from policies import InstanceLoad
+from cluster.state_store import StateStore, make_state_store
+from policies import InstanceLoad, MigrationPolicy, make_migration_policy
 
 logger = serve_logger(__name__)
 
@@ -39,11 +48,24 @@ class GlobalScheduler:
         dispatch: dict[str, Any],
         *,
         metrics: bool,
+        migration: dict[str, Any] | None = None,
+        state_store: dict[str, Any] | None = None,
     ) -> None:
         self._engines = engines
         self._last: dict[str, InstanceLoad] = {}
         self.placer = Placer(dispatch, metrics=metrics)
         self._view = LoadView(self.placer, self._fetch_loads, source="the engines")
+        self._relocation: asyncio.Task[None] | None = None
+        if migration is not None and migration["policy"] is not None:
+            if state_store is None or state_store.get("url") is None:
+                raise ValueError("a migration policy needs state_store.url (Redis)")
+            policy = make_migration_policy(migration["policy"], **migration["params"])
+            store = make_state_store(state_store["url"], state_store["session_ttl_s"])
+            relocate = self._relocate_forever(
+                policy, store, migration["interval_s"], MigrationMetrics() if metrics else None
+            )
+            # Serve runs the constructor on the replica's event loop.
+            self._relocation = asyncio.get_running_loop().create_task(relocate)
         freeze_startup_heap()
 
     async def place(
@@ -66,6 +88,30 @@ class GlobalScheduler:
         included)."""
         placer = await self._view.ready()
         return [vars(load) for load in placer.loads]
+
+    async def _relocate_forever(
+        self,
+        policy: MigrationPolicy,
+        store: StateStore,
+        interval_s: float,
+        metrics: MigrationMetrics | None,
+    ) -> None:
+        """Run `policy` every `interval_s` over the latest loads, for as long
+        as this replica lives; a failed round is logged and the next tried."""
+        logger.info("migration policy %r every %.3g s", policy, interval_s)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                placer = await self._view.ready()
+                migrations = await relocation_round(policy, placer.loads, store, self._engines)
+            except Exception:
+                logger.warning("relocation round failed", exc_info=True)
+                continue
+            for migration in migrations:
+                if metrics is not None:
+                    metrics.observe(migration, RELOCATION)
+            if any(m.outcome is MigrationOutcome.COMMITTED for m in migrations):
+                self._view.refresh_soon()
 
     async def _fetch_loads(self) -> list[InstanceLoad]:
         """Every instance's load. A busy engine is not a dead one: a load call

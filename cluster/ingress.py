@@ -280,7 +280,6 @@ class Ingress:
                 self._store,
                 self._engines,
                 self._instance_loads,
-                block_size=self._services.block_size,
             )
         except NoInstanceAvailable as exc:
             raise ApiError(409, str(exc), kind="conflict_error", param="instance_id") from None

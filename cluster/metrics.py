@@ -130,6 +130,36 @@ def instance_gauges(snapshot: Mapping[str, float]) -> list[tuple[str, dict[str, 
     return values
 
 
+class MigrationMetrics:
+    """Moves of paused sessions: by the ingress (an operator's moves and
+    drains) and by the global scheduler (its migration policy)."""
+
+    def __init__(self) -> None:
+        self._migrations = Counter(
+            "mars_migrations",
+            description="Moves of paused sessions between instances, by outcome and reason.",
+            tag_keys=("outcome", "reason"),
+        )
+        self._migration_s = Histogram(
+            "mars_migration_seconds",
+            description="Time of a committed move of a paused session (export, import, commit).",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("reason",),
+        )
+        self._migrated_bytes = Counter(
+            "mars_migrated_kv_bytes",
+            description="KV bytes moved with paused sessions between instances.",
+            tag_keys=("reason",),
+        )
+
+    def observe(self, migration: Migration, reason: str) -> None:
+        """One move of a paused session, whatever its outcome."""
+        self._migrations.inc(1, {"outcome": migration.outcome.value, "reason": reason})
+        if migration.outcome.value == "committed":
+            self._migration_s.observe(migration.seconds, {"reason": reason})
+            self._migrated_bytes.inc(migration.kv_bytes, {"reason": reason})
+
+
 class IngressMetrics:
     """Per-turn latency histograms, tagged by instance and engine policy."""
 
@@ -154,29 +184,11 @@ class IngressMetrics:
             tag_keys=tags,
         )
         self._policy = engine_policy
-        self._migrations = Counter(
-            "mars_migrations",
-            description="Moves of paused sessions between instances, by outcome and reason.",
-            tag_keys=("outcome", "reason"),
-        )
-        self._migration_s = Histogram(
-            "mars_migration_seconds",
-            description="Time of a committed move of a paused session (export, import, commit).",
-            boundaries=LATENCY_BUCKETS_S,
-            tag_keys=("reason",),
-        )
-        self._migrated_bytes = Counter(
-            "mars_migrated_kv_bytes",
-            description="KV bytes moved with paused sessions between instances.",
-            tag_keys=("reason",),
-        )
+        self.migrations = MigrationMetrics()
 
     def observe_migration(self, migration: Migration, reason: str) -> None:
-        """One move of a paused session, whatever its outcome."""
-        self._migrations.inc(1, {"outcome": migration.outcome.value, "reason": reason})
-        if migration.outcome.value == "committed":
-            self._migration_s.observe(migration.seconds, {"reason": reason})
-            self._migrated_bytes.inc(migration.kv_bytes, {"reason": reason})
+        """One move of a paused session an operator asked for, whatever its outcome."""
+        self.migrations.observe(migration, reason)
 
     def observe_turn(self, instance_id: str, timing: TurnTiming) -> None:
         # Each call gets its own tags dict: Serve's `observe` adds to the one it is given.

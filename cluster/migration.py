@@ -33,7 +33,7 @@ from typing import Any
 from cluster.logs import serve_logger
 from cluster.session_lifecycle import SessionConflict, SessionEvent, SessionState
 from cluster.state_store import SessionRecord, StateStore, UnknownSession
-from policies import InstanceLoad, PausedSession, drain_plan
+from policies import InstanceLoad, MigrationPolicy, drain_plan
 
 logger = serve_logger(__name__)
 
@@ -44,6 +44,9 @@ release) may take: a session's KV is at most `max_model_len` tokens."""
 
 DRAIN = "drain"
 """The reason of the moves a drain makes."""
+
+RELOCATION = "relocation"
+"""The reason of the moves the global scheduler's migration policy makes."""
 
 
 class MigrationOutcome(str, enum.Enum):
@@ -180,7 +183,6 @@ async def drain_instance(
     engines: Mapping[str, Any],
     loads: Callable[[], Awaitable[Sequence[InstanceLoad]]],
     *,
-    block_size: int,
     timeout_s: float = MIGRATION_STEP_TIMEOUT_S,
 ) -> DrainRound:
     """One round of draining `instance_id`: it stops taking new sessions,
@@ -190,8 +192,7 @@ async def drain_instance(
     Raises `NoInstanceAvailable` when no other instance takes sessions."""
     engine = engines[instance_id]
     held = await asyncio.wait_for(engine.drain.remote(), timeout_s)
-    sessions = [PausedSession(sid, -(-tokens // block_size)) for sid, tokens in held["paused"]]
-    plan = drain_plan(instance_id, sessions, await loads())
+    plan = drain_plan(instance_id, held["paused"], await loads())
     migrations, released = [], []
     for session_id, destination in plan:
         try:
@@ -219,6 +220,49 @@ async def drain_instance(
         drain.drained,
     )
     return drain
+
+
+async def relocation_round(
+    policy: MigrationPolicy,
+    loads: Sequence[InstanceLoad],
+    store: StateStore,
+    engines: Mapping[str, Any],
+    *,
+    timeout_s: float = MIGRATION_STEP_TIMEOUT_S,
+) -> list[Migration]:
+    """One round of a migration policy over `loads` (the latest of every
+    instance): the sessions each healthy instance holds paused, the moves
+    `policy` plans for them, each carried out in turn. A session whose
+    record is no longer paused on the planned source (its turn started, it
+    moved or ended since) is left as it is. An instance that does not say
+    what it holds is left out of this round."""
+    healthy = [load.instance_id for load in loads if load.healthy]
+    answers = await asyncio.gather(
+        *(asyncio.wait_for(engines[i].paused_sessions.remote(), timeout_s) for i in healthy),
+        return_exceptions=True,
+    )
+    paused = {}
+    for instance_id, answer in zip(healthy, answers, strict=True):
+        if isinstance(answer, BaseException):
+            logger.warning(
+                "relocation: instance %s did not list its sessions: %r", instance_id, answer
+            )
+        else:
+            paused[instance_id] = answer
+    migrations = []
+    for move in policy.plan(loads, paused):
+        try:
+            record = await asyncio.to_thread(store.get_session, move.session_id)
+        except UnknownSession:
+            continue
+        if record.instance_id != move.source or record.state is not SessionState.PAUSED:
+            continue
+        migrations.append(
+            await migrate_paused_session(
+                record, move.destination, store, engines, reason=RELOCATION, timeout_s=timeout_s
+            )
+        )
+    return migrations
 
 
 def _refusal(record: SessionRecord, destination: str, engines: Mapping[str, Any]) -> str:

@@ -180,8 +180,13 @@ class LoadView:
         """`Placer.place` once the loads are in, and a fetch soon after."""
         placer = await self.ready()
         decision = placer.place(session_id, prompt_tokens, affinity_instance, prefix_hashes)
-        self._placed.set()
+        self.refresh_soon()
         return decision
+
+    def refresh_soon(self) -> None:
+        """Bring the next fetch forward to `period_s` (something changed the
+        loads: a placement, a move)."""
+        self._placed.set()
 
     async def _refresh_forever(self) -> None:
         previous: list[InstanceLoad] | None = None

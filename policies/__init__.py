@@ -29,7 +29,16 @@ from policies.engine_policy import (
     register_engine_policy,
 )
 from policies.memory import memory_over_time, memory_over_time_columns
-from policies.migration import PausedSession, drain_plan
+from policies.migration import (
+    MigrationPolicy,
+    Move,
+    PausedSession,
+    RelocatePaused,
+    committed_freeness,
+    drain_plan,
+    make_migration_policy,
+    migration_policy_names,
+)
 from policies.predictors import ApiDurationPredictor, DecodeLengthPredictor, StreamingStat
 from policies.prefix_index import PrefixIndex, block_hashes
 from policies.priced_rows import PricedRows
@@ -54,10 +63,13 @@ __all__ = [
     "DispatchState",
     "EnginePolicy",
     "InstanceLoad",
+    "MigrationPolicy",
+    "Move",
     "NoInstanceAvailable",
     "PausedSession",
     "PrefixIndex",
     "PricedRows",
+    "RelocatePaused",
     "RequestColumns",
     "RequestView",
     "StarvationConfig",
@@ -70,14 +82,17 @@ __all__ = [
     "check_engine_policy_name",
     "choose_strategies",
     "choose_strategy",
+    "committed_freeness",
     "demotions",
     "dispatch_policy_names",
     "drain_plan",
     "engine_policy_names",
     "make_dispatch_policy",
     "make_engine_policy",
+    "make_migration_policy",
     "memory_over_time",
     "memory_over_time_columns",
+    "migration_policy_names",
     "register_dispatch_policy",
     "register_engine_policy",
     "starving",

@@ -10,14 +10,25 @@ largest sessions first, and each assignment is charged to its destination
 (its blocks no longer counted free), so that
 a drain spreads its sessions over the other instances instead of piling
 them on the one that looked freest before the first move.
+
+`RelocatePaused` (a `MigrationPolicy`, built by name from the serving
+config's `migration` section) is Llumnix's load balancing applied to the
+sessions that wait on a tool call: a move costs them no decode time, and
+it takes their KV, and their next turn, from an instance under pressure
+to one with room.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
-from policies.dispatch import InstanceLoad, NoInstanceAvailable, llumnix_freeness
+from policies.dispatch import InstanceLoad, NoInstanceAvailable, llumnix_freeness, per_running
+from policies.registry import PolicyRegistry
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,13 @@ class PausedSession:
     session_id: str
     kv_blocks: int
     """Blocks its KV needs wherever it goes (held, swapped or to recompute)."""
+    returns_in_s: float | None = None
+    """Seconds until its tool call is predicted to return (0: due now);
+    None when the engine has no prediction."""
+    on_device: bool = False
+    """Its KV is preserved in the instance's device blocks (counted out of
+    `free_blocks`), not swapped out or discarded (counted in
+    `paused_released_blocks`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.session_id, str) or not self.session_id:
@@ -35,6 +53,12 @@ class PausedSession:
             raise ValueError(f"kv_blocks must be an int >= 0, got {self.kv_blocks!r}")
         if self.kv_blocks < 0:
             raise ValueError(f"kv_blocks must be an int >= 0, got {self.kv_blocks!r}")
+        if self.returns_in_s is not None and not (
+            isinstance(self.returns_in_s, (int, float)) and 0 <= self.returns_in_s < math.inf
+        ):
+            raise ValueError(
+                f"returns_in_s must be a finite number >= 0 or None, got {self.returns_in_s!r}"
+            )
 
 
 def drain_plan(
@@ -66,3 +90,158 @@ def drain_plan(
             paused_swapped_sessions=best.paused_swapped_sessions + 1,
         )
     return plan
+
+
+@dataclass(frozen=True)
+class Move:
+    """One paused session to move (`MigrationPolicy.plan`)."""
+
+    session_id: str
+    source: str
+    destination: str
+
+
+@dataclass(frozen=True)
+class MigrationPolicy(ABC):
+    """What the global scheduler asks a migration policy, once a round."""
+
+    name: ClassVar[str]
+    """Registry key; set by each concrete policy."""
+
+    @abstractmethod
+    def plan(
+        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[PausedSession]]
+    ) -> list[Move]:
+        """The moves of this round, in order. `loads` is the latest load of
+        every instance; `paused` the sessions each instance holds paused.
+        Pure: the inputs are not changed."""
+
+    @classmethod
+    def from_params(cls, **params: Any) -> MigrationPolicy:
+        """Build from config parameters; unknown names raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        _POLICIES.reject_unknown(cls.name, params, known)
+        return cls(**params)
+
+
+_POLICIES: PolicyRegistry[type[MigrationPolicy]] = PolicyRegistry("migration policy")
+register_migration_policy = _POLICIES.register
+"""Class decorator: make a policy class buildable by `make_migration_policy(cls.name)`."""
+
+
+def migration_policy_names() -> tuple[str, ...]:
+    """Names `make_migration_policy` accepts, sorted."""
+    return _POLICIES.names()
+
+
+def make_migration_policy(name: str, **params: Any) -> MigrationPolicy:
+    """Build the migration policy registered as `name` with its parameters.
+
+    Raises ValueError for an unknown name (listing the known ones), an
+    unknown parameter, or an invalid value (naming the parameter).
+    """
+    policy: MigrationPolicy = _POLICIES.make(name, **params)
+    return policy
+
+
+def committed_freeness(load: InstanceLoad) -> float:
+    """Llumnix's freeness with every paused session's KV counted as taken:
+    ``per_running(free - waiting demand - released paused blocks, running)``.
+    Preserved KV is already out of `free_blocks`; discarded or swapped KV
+    comes back with its session's next turn, so it is demand the instance
+    has committed to, whenever the call returns."""
+    free = load.free_blocks - load.waiting_demand_blocks - load.paused_released_blocks
+    return per_running(free, load.running)
+
+
+@register_migration_policy
+@dataclass(frozen=True)
+class RelocatePaused(MigrationPolicy):
+    """Move paused sessions off an instance under pressure.
+
+    An instance is under pressure when its `committed_freeness` is below
+    `source_below` (blocks per running request; below 0, what it holds and
+    queues exceeds its KV). Its paused sessions go, the soonest to return
+    first (their demand is the nearest), to the healthy, accepting instance
+    with the highest committed freeness, as long as that one stays at least
+    `min_gap` ahead of the source after the move (each move is charged to
+    both: the session's blocks leave the source's commitments and join the
+    destination's), and at most `max_moves` a round. A session predicted to
+    return within `min_return_s` stays: its next turn would race the move.
+    """
+
+    name: ClassVar[str] = "relocate_paused"
+    source_below: float = 0.0
+    min_gap: float = 4.0
+    max_moves: int = 4
+    min_return_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for field in ("source_below", "min_gap", "min_return_s"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{field} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{field} must be finite, got {value!r}")
+        if self.min_gap < 0:
+            raise ValueError(f"min_gap must be >= 0, got {self.min_gap!r}")
+        if self.min_return_s < 0:
+            raise ValueError(f"min_return_s must be >= 0, got {self.min_return_s!r}")
+        if isinstance(self.max_moves, bool) or not isinstance(self.max_moves, int):
+            raise ValueError(f"max_moves must be an int >= 1, got {self.max_moves!r}")
+        if self.max_moves < 1:
+            raise ValueError(f"max_moves must be an int >= 1, got {self.max_moves!r}")
+
+    def plan(
+        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[PausedSession]]
+    ) -> list[Move]:
+        current = {load.instance_id: load for load in loads if load.healthy}
+        moves: list[Move] = []
+        for source in sorted(current, key=lambda i: (committed_freeness(current[i]), i)):
+            if committed_freeness(current[source]) >= self.source_below:
+                break  # the rest are freer still
+            movable = [
+                s
+                for s in paused.get(source, ())
+                if s.returns_in_s is None or s.returns_in_s >= self.min_return_s
+            ]
+            movable.sort(
+                key=lambda s: (math.inf if s.returns_in_s is None else s.returns_in_s, s.session_id)
+            )
+            for session in movable:
+                if len(moves) == self.max_moves:
+                    return moves
+                if committed_freeness(current[source]) >= self.source_below:
+                    break
+                targets = [
+                    load
+                    for load in current.values()
+                    if load.instance_id != source and load.accepting
+                ]
+                if not targets:
+                    return moves
+                best = max(targets, key=lambda load: (committed_freeness(load), load.instance_id))
+                shed = _without(current[source], session)
+                taken = replace(
+                    best, paused_released_blocks=best.paused_released_blocks + session.kv_blocks
+                )
+                if committed_freeness(taken) - committed_freeness(shed) < self.min_gap:
+                    break  # no instance has room enough for this one, nor later ones
+                moves.append(Move(session.session_id, source, best.instance_id))
+                current[source], current[best.instance_id] = shed, taken
+        return moves
+
+
+def _without(load: InstanceLoad, session: PausedSession) -> InstanceLoad:
+    """`load` once `session` left it: its device blocks free again, or its
+    released blocks no longer owed. (At its destination it is a host copy,
+    one more session's released blocks.)"""
+    if session.on_device:
+        blocks = min(session.kv_blocks, load.paused_preserved_blocks)
+        return replace(
+            load,
+            free_blocks=load.free_blocks + blocks,
+            paused_preserved_blocks=load.paused_preserved_blocks - blocks,
+        )
+    released = max(0, load.paused_released_blocks - session.kv_blocks)
+    return replace(load, paused_released_blocks=released)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policies import CostModel, Strategy
+from policies import CostModel, PausedSession, Strategy
 from workers import vllm_hooks
 from workers.hints import SegmentHints
 from workers.kv_connector import RECORD_DIGESTS_KEY
@@ -279,16 +279,11 @@ class MarsEngine:
             self._remember_ended(session_id)
 
     # ----------------------------------------------------------- migration
-    def held_sessions(self) -> tuple[list[tuple[str, int]], int]:
-        """What a drain must move off this engine: each paused session with
-        the context tokens of its KV, and how many turns run now (their
-        sessions pause here when they end)."""
-        paused = [
-            (session_id, park.computed_tokens)
-            for session_id, park in self.scheduler.parks.items()
-            if self.scheduler.records[session_id].phase is Phase.PAUSED
-        ]
-        return paused, len(self._live)
+    def held_sessions(self) -> tuple[list[PausedSession], int]:
+        """What a migration policy or a drain may move off this engine: each
+        paused session (`MarsScheduler.paused_sessions`), and how many turns
+        run now (their sessions pause here when they end)."""
+        return self.scheduler.paused_sessions(time.monotonic()), len(self._live)
 
     def export_session(self, session_id: str) -> SessionKv:
         """A paused session's KV and predictions, for another engine

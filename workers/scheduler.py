@@ -41,6 +41,7 @@ from policies import (
     BatchView,
     CostModel,
     DecodeLengthPredictor,
+    PausedSession,
     PricedRows,
     RequestColumns,
     RequestView,
@@ -437,6 +438,28 @@ class MarsScheduler(Scheduler):
             None, token_ids, len(token_ids), strategy=strategy, holds_blocks=False
         )
         record.move(Phase.PAUSED, now, "migrated in", strategy=strategy)
+
+    def paused_sessions(self, now: float) -> list[PausedSession]:
+        """Each session paused here (at `now`, monotonic), as a migration
+        policy sees it: its KV's blocks, whether they are held on the
+        device, and when its tool call is predicted to return."""
+        paused = []
+        for key, park in self.parks.items():
+            record = self.records[key]
+            if record.phase is not Phase.PAUSED:
+                continue
+            returns_in_s = None
+            if record.predicted_api_s is not None:
+                returns_in_s = remaining_call_s(record.predicted_api_s, now - record.paused_at_s)
+            paused.append(
+                PausedSession(
+                    key,
+                    self._blocks_for(park.computed_tokens),
+                    returns_in_s=returns_in_s,
+                    on_device=park.holds_blocks,
+                )
+            )
+        return paused
 
     def parked_sessions_idle(self, max_idle_s: float, now: float) -> list[str]:
         """Sessions parked (awaiting their next turn) for more than `max_idle_s`."""

@@ -6,10 +6,14 @@ import pytest
 
 from policies import (
     InstanceLoad,
+    Move,
     NoInstanceAvailable,
     PausedSession,
+    committed_freeness,
     drain_plan,
     make_dispatch_policy,
+    make_migration_policy,
+    migration_policy_names,
 )
 from policies.dispatch import DispatchRequest, DispatchState
 
@@ -60,3 +64,76 @@ def test_a_draining_instance_gets_only_the_sessions_it_holds(policy: str) -> Non
         assert held.instance_id == "a" and held.reason == "affinity"
     with pytest.raises(NoInstanceAvailable, match="unhealthy or draining"):
         dispatch.choose(DispatchRequest("new", 64, None), loads[:1], DispatchState())
+
+
+def _relocate(**params):
+    return make_migration_policy("relocate_paused", **params)
+
+
+def test_an_instance_under_pressure_sheds_its_paused_sessions_soonest_to_return_first() -> None:
+    # a: 4 free, 20 blocks of waiting demand, 2 running: committed freeness (4 - 20) * 2 = -32
+    loads = [
+        _load("a", 4, running=2, waiting_demand_blocks=20, paused_preserved_blocks=40),
+        _load("b", 80, running=1),
+    ]
+    paused = {
+        "a": [
+            PausedSession("late", 10, returns_in_s=30.0, on_device=True),
+            PausedSession("soon", 10, returns_in_s=2.0, on_device=True),
+            PausedSession("racing", 10, returns_in_s=0.1, on_device=True),
+            PausedSession("unknown", 10, returns_in_s=None),
+        ],
+        "b": [PausedSession("stays", 10, returns_in_s=5.0)],
+    }
+    moves = _relocate(max_moves=2).plan(loads, paused)
+    # "racing" returns before a move would land; the next two by return time
+    assert moves == [Move("soon", "a", "b"), Move("late", "a", "b")]
+    # freed device blocks lift the source: once its freeness is back above
+    # source_below, nothing more moves
+    # (4 + 10 - 20) * 2 = -12 after "soon", (24 - 20) * 2 = 8 >= -10 after "late"
+    assert _relocate(max_moves=9, source_below=-10).plan(loads, paused) == moves
+    assert _relocate(max_moves=9, source_below=-12).plan(loads, paused) == moves[:1]
+
+
+def test_nothing_moves_without_pressure_or_without_room_elsewhere() -> None:
+    session = {"a": [PausedSession("s", 10, returns_in_s=9.0)]}
+    calm = [_load("a", 50), _load("b", 90)]
+    assert _relocate().plan(calm, session) == []  # a's freeness 50 is not below 0
+    assert _relocate(source_below=60).plan(calm, session) == [Move("s", "a", "b")]
+    # b would end up no freer than a by min_gap: the move would only swap the pressure
+    crowded = [_load("a", 5, waiting_demand_blocks=10), _load("b", 10, waiting_demand_blocks=10)]
+    assert _relocate(min_gap=1).plan(crowded, session) == []
+    # unhealthy and draining instances take nothing; a sick source is left alone
+    for other in (_load("b", 90, healthy=False), _load("b", 90, accepting=False)):
+        assert _relocate().plan([crowded[0], other], session) == []
+    assert _relocate().plan([_load("a", 0, healthy=False), _load("b", 90)], session) == []
+
+
+def test_moves_are_charged_so_that_one_round_spreads_them() -> None:
+    # a's three swapped-out sessions owe 30 blocks it does not have
+    loads = [_load("a", 0, paused_released_blocks=30), _load("b", 40), _load("c", 35)]
+    paused = {"a": [PausedSession(f"s{i}", 10, returns_in_s=float(i + 1)) for i in range(3)]}
+    assert committed_freeness(loads[0]) == -30
+    # s0 -> b (b: 40 -> 30, a: -20), s1 -> c (c: 35 -> 25, a: -10), s2 -> b (a: 0)
+    everything = [Move("s0", "a", "b"), Move("s1", "a", "c"), Move("s2", "a", "b")]
+    assert _relocate(max_moves=3, source_below=-5).plan(loads, paused) == everything
+    # a is back above -15 after two moves
+    assert _relocate(max_moves=3, source_below=-15).plan(loads, paused) == everything[:2]
+    assert _relocate(max_moves=1, source_below=-5).plan(loads, paused) == everything[:1]
+
+
+def test_relocation_parameters_are_checked_by_name() -> None:
+    assert migration_policy_names() == ("relocate_paused",)
+    for params, field in [
+        ({"max_moves": 0}, "max_moves"),
+        ({"min_gap": -1}, "min_gap"),
+        ({"min_return_s": float("nan")}, "min_return_s"),
+        ({"source_below": "low"}, "source_below"),
+        ({"threshold": 1}, "threshold"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            _relocate(**params)
+    with pytest.raises(ValueError, match="unknown migration policy 'llumnix'"):
+        make_migration_policy("llumnix")
+    with pytest.raises(ValueError, match="returns_in_s"):
+        PausedSession("s", 1, returns_in_s=-1.0)
