@@ -24,6 +24,7 @@ store (Redis) as the ingress's moves do.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 from cluster.logs import serve_logger
@@ -56,6 +57,7 @@ class GlobalScheduler:
         self.placer = Placer(dispatch, metrics=metrics)
         self._view = LoadView(self.placer, self._fetch_loads, source="the engines")
         self._relocation: asyncio.Task[None] | None = None
+        self._relocated: Counter[str] = Counter()
         if migration is not None and migration["policy"] is not None:
             if state_store is None or state_store.get("url") is None:
                 raise ValueError("a migration policy needs state_store.url (Redis)")
@@ -89,6 +91,10 @@ class GlobalScheduler:
         placer = await self._view.ready()
         return [vars(load) for load in placer.loads]
 
+    async def relocations(self) -> dict[str, int]:
+        """The moves the migration policy made so far, by outcome."""
+        return dict(self._relocated)
+
     async def _relocate_forever(
         self,
         policy: MigrationPolicy,
@@ -108,6 +114,7 @@ class GlobalScheduler:
                 logger.warning("relocation round failed", exc_info=True)
                 continue
             for migration in migrations:
+                self._relocated[migration.outcome.value] += 1
                 if metrics is not None:
                     metrics.observe(migration, RELOCATION)
             if any(m.outcome is MigrationOutcome.COMMITTED for m in migrations):
