@@ -30,6 +30,7 @@ engine, not the traffic, and Ray drops a gauge that stops being set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -41,8 +42,8 @@ from cluster.serve_env import freeze_startup_heap
 from policies import PausedSession
 from workers.async_engine import AsyncMarsEngine, TurnFeed
 from workers.engine import EngineConfig, SessionInfo
-from workers.kv_transport import SessionKv
-from workers.turns import TurnEvent, TurnOutput, TurnRequest
+from workers.kv_transport import ParkedState, RunningKv, SessionKv
+from workers.turns import TurnEvent, TurnMoved, TurnOutput, TurnRequest
 
 STARTUP_TIMEOUT_S = 600.0
 METRICS_PERIOD_S = 1.0
@@ -57,6 +58,14 @@ for each of its turns of the GIL. Measured with `bench.stock_vllm`'s
 multi_api run (96 sessions at 6/s, 40 KV blocks, one instance): first-turn
 TTFT mean / P99 0.109 / 1.74 s at 5 ms, 0.055 / 0.50 s at 2 ms (0.5 ms and
 0.2 ms did no better)."""
+STOPPED_LEASE_S = 30.0
+"""How long a turn stopped for a live move waits for its hand-over (the
+move's coordinator died): then it goes on here."""
+
+INCOMING_LEASE_S = 30.0
+"""How long the stages of a turn moving here are held without a new one or
+its commit (the move's coordinator died): then they are dropped."""
+
 IDLE_SWEEP_PERIOD_S = 30.0
 """The longest wait between two looks for idle sessions (a quarter of
 `session_ttl_s` when that is shorter, never under 0.5 s): a session is
@@ -89,6 +98,9 @@ class EngineInstance:
         self._feeds: dict[str, TurnFeed] = {}
         self._accepting = True
         """False while draining (`drain`): placement sends no new session here."""
+        self._stopped: dict[str, RunningKv] = {}
+        """The last stage of each session's turn stopped here for a live
+        move, until `hand_over`."""
         # The replica counts as started only once its engine has: Ray Serve
         # then routes nothing to it before, and `serve run` waits for it.
         self._engine.wait_started(timeout_s=STARTUP_TIMEOUT_S)
@@ -98,6 +110,10 @@ class EngineInstance:
         sweep_s = max(0.5, min(IDLE_SWEEP_PERIOD_S, session_ttl_s / 4))
         idle = partial(self._close_idle_sessions, session_ttl_s)
         self._idle_task = loop.create_task(self._repeat(sweep_s, idle, "closing idle sessions"))
+        lease = self._repeat(
+            INCOMING_LEASE_S / 2, self._drop_stale_incoming, "dropping stale move stages"
+        )
+        self._lease_task = loop.create_task(lease)
         self._metrics_task = None
         if metrics:
             publish = partial(self._publish_metrics, EngineMetrics(instance_id))
@@ -202,6 +218,71 @@ class EngineInstance:
         carried = kv.shards is not None
         return {"kv_tokens": len(kv.token_ids) if carried else 0, "kv_bytes": kv.nbytes}
 
+    async def runs_session(self, session_id: str) -> bool:
+        """Whether a turn of the session runs here now."""
+        engine = await self._ready()
+        return await engine.call(lambda e: session_id in e.live_sessions)
+
+    async def live_stage(self, session_id: str, first_block: int, stop: bool) -> RunningKv:
+        """A stage of the session's running turn moving to another instance
+        (`MarsEngine.running_kv`), read while it decodes, or with `stop` its
+        last one: the turn then stops here and waits for `hand_over`, its
+        session's KV parked here until `end_session`. Raises ValueError when
+        the session has no turn running here, or one that cannot move."""
+        engine = await self._ready()
+
+        def stage(e: Any) -> RunningKv:
+            return e.running_kv(e.movable_turn(session_id), first_block, stop=stop)
+
+        kv = await engine.call(stage)
+        if stop:
+            self._stopped[session_id] = kv
+            loop = asyncio.get_running_loop()
+            loop.call_later(STOPPED_LEASE_S, self._take_back, session_id, kv)
+        return kv
+
+    async def hand_over(self, session_id: str, destination: str) -> None:
+        """End the session's stopped turn on its feed with `TurnMoved`: the
+        ingress streaming it goes on from its tokens on `destination` (this
+        instance itself, when the move failed)."""
+        stopped = self._stopped.pop(session_id, None)
+        if stopped is None:
+            raise ValueError(f"session {session_id!r} has no turn stopped here for a move")
+        engine = await self._ready()
+        engine.hand_over(TurnMoved(stopped.request_id, destination, stopped.token_ids))
+
+    def _take_back(self, session_id: str, stopped: RunningKv) -> None:
+        """A stopped turn whose move never handed it over (its coordinator
+        died) goes on here after `STOPPED_LEASE_S`."""
+        if self._stopped.get(session_id) is stopped:
+            logger.warning(
+                "instance=%s: the move of session=%s never handed its turn over; it goes on here",
+                self.instance_id,
+                session_id,
+            )
+            del self._stopped[session_id]
+            moved = TurnMoved(stopped.request_id, self.instance_id, stopped.token_ids)
+            with contextlib.suppress(ValueError):  # its client left meanwhile
+                self._engine.hand_over(moved)
+
+    async def stage_in(self, key: str, stage: RunningKv) -> int:
+        """Hold a stage of a turn moving here; the block the next starts at."""
+        engine = await self._ready()
+        return await engine.call(lambda e: e.stage_in(key, stage))
+
+    async def commit_incoming(
+        self, key: str, last: RunningKv, state: ParkedState, session_id: str
+    ) -> dict[str, Any]:
+        """Park the whole KV of the turn moving here under `key` as its
+        session's, for its continuation (`MarsEngine.commit_incoming`)."""
+        engine = await self._ready()
+        return await engine.call(lambda e: e.commit_incoming(key, last, state, session_id))
+
+    async def drop_incoming(self, key: str) -> None:
+        """Forget the stages of a move that will not commit."""
+        engine = await self._ready()
+        await engine.call(lambda e: e.drop_incoming(key))
+
     async def session_info(self, session_id: str) -> SessionInfo:
         """The engine's view of a session: phase, KV strategy, timeline, counters."""
         engine = await self._ready()
@@ -269,6 +350,17 @@ class EngineInstance:
     async def _publish_metrics(self, metrics: EngineMetrics) -> None:
         """Set the instance's gauges from its load snapshot."""
         metrics.publish(await self.load())
+
+    async def _drop_stale_incoming(self) -> None:
+        """Free the stages of moves that stopped coming (`INCOMING_LEASE_S`)."""
+        stale = await self._engine.call(lambda e: e.drop_stale_incoming(INCOMING_LEASE_S))
+        for key in stale:
+            logger.warning(
+                "instance=%s dropped the stages of move %s: none came for %.0f s",
+                self.instance_id,
+                key,
+                INCOMING_LEASE_S,
+            )
 
     async def _close_idle_sessions(self, max_idle_s: float) -> None:
         """Close the sessions that have awaited their client for `max_idle_s`."""

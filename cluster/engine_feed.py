@@ -22,7 +22,7 @@ from typing import Any
 
 from cluster.engine_deployment import FeedClosed
 from cluster.logs import serve_logger
-from workers.turns import TurnEnd, TurnEvent, TurnRequest
+from workers.turns import TurnEnd, TurnEvent, TurnMoved, TurnRequest
 
 logger = serve_logger(__name__)
 
@@ -76,7 +76,7 @@ class _Subscription:
         self.close(error)
 
     def _hand(self, event: TurnEvent) -> None:
-        if isinstance(event, TurnEnd):
+        if isinstance(event, (TurnEnd, TurnMoved)):
             events = self.turns.pop(event.request_id, None)
         else:
             events = self.turns.get(event.output.request_id)

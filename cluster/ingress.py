@@ -53,6 +53,7 @@ from cluster import sse
 from cluster.engine_feed import EngineFeed
 from cluster.errors import ApiError, unavailable
 from cluster.frontend import EngineUnavailable, FrontendSettings, build_frontend
+from cluster.live_migration import move_running_turn
 from cluster.logs import serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
 from cluster.migration import DRAIN, MigrationOutcome, drain_instance, migrate_paused_session
@@ -60,7 +61,7 @@ from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import MarsExtension, MigrateSessionRequest, unsupported_fields
 from cluster.serve_env import freeze_startup_heap
 from cluster.server_tools import ChatTurns, ServerTools
-from cluster.session_lifecycle import SessionConflict, SessionEvent
+from cluster.session_lifecycle import SessionConflict, SessionEvent, SessionState
 from cluster.state_store import SessionRecord, UnknownSession, make_state_store
 from cluster.turn import Turn
 from policies import InstanceLoad, NoInstanceAvailable
@@ -235,16 +236,25 @@ class Ingress:
 
     @app.post("/v1/sessions/{session_id}/migrate")
     async def migrate_session(self, session_id: str, body: MigrateSessionRequest) -> dict[str, Any]:
-        """Move a paused session, KV and all, to another instance
-        (`cluster.migration`); its next turn runs there."""
+        """Move a session, KV and all, to another instance: a paused one
+        (`cluster.migration`; its next turn runs there), or one whose turn
+        is generating, while its client's stream goes on
+        (`cluster.live_migration`)."""
         self._check_instance(body.instance_id, status=400)
         record = await self._record(session_id)
-        migration = await migrate_paused_session(
-            record, body.instance_id, self._store, self._engines, reason=OPERATOR_MIGRATION
-        )
+        if record.state is SessionState.GENERATING:
+            migration = await move_running_turn(
+                record, body.instance_id, self._engines, reason=OPERATOR_MIGRATION
+            )
+        else:
+            migration = await migrate_paused_session(
+                record, body.instance_id, self._store, self._engines, reason=OPERATOR_MIGRATION
+            )
         if self.metrics is not None:
             self.metrics.observe_migration(migration, OPERATOR_MIGRATION)
         status = _MIGRATION_STATUS[migration.outcome]
+        if migration.live and migration.outcome is MigrationOutcome.ABORTED_SOURCE:
+            status = 409  # the turn ended before it could move: it is paused now
         if status == 409:
             raise ApiError(409, migration.reason, kind="conflict_error", param="session_id")
         if status == 503:

@@ -77,9 +77,37 @@ class Migration:
     and the destination recomputes it at the next turn)."""
     kv_bytes: int = 0
     seconds: float = 0.0
+    live: bool = False
+    """A running turn moved (`cluster.live_migration`), not a paused session."""
+    stages: int = 0
+    """Copies of a live move's KV (the last one after the stop)."""
+    stopped_s: float | None = None
+    """A live move's stop to its hand-over: the turn generated nothing then
+    (the client's gap adds the continuation's start and its first token:
+    the turn's `mars.moves[].downtime_ms`)."""
 
     def as_json(self) -> dict[str, Any]:
         return {**vars(self), "outcome": self.outcome.value}
+
+    def log(self, reason: str) -> None:
+        """The move's log line (`docs/observability.md`)."""
+        stopped = "" if self.stopped_s is None else f" stopped_ms={1000 * self.stopped_s:.0f}"
+        logger.info(
+            "migration session=%s from=%s to=%s outcome=%s reason=%r live=%s stages=%d "
+            "kv_tokens=%d bytes=%d seconds=%.3f%s%s",
+            self.session_id,
+            self.source,
+            self.destination,
+            self.outcome.value,
+            reason,
+            self.live,
+            self.stages,
+            self.kv_tokens,
+            self.kv_bytes,
+            self.seconds,
+            stopped,
+            f" detail={self.reason!r}" if self.reason else "",
+        )
 
 
 async def migrate_paused_session(
@@ -102,34 +130,22 @@ async def migrate_paused_session(
         migration = Migration(
             session_id, source, destination, outcome, detail, seconds=seconds, **moved
         )
-        logger.info(
-            "migration session=%s from=%s to=%s outcome=%s reason=%r kv_tokens=%d bytes=%d "
-            "seconds=%.3f%s",
-            session_id,
-            source,
-            destination,
-            outcome.value,
-            reason,
-            migration.kv_tokens,
-            migration.kv_bytes,
-            migration.seconds,
-            f" detail={detail!r}" if detail else "",
-        )
+        migration.log(reason)
         return migration
 
     refusal = _refusal(record, destination, engines)
     if refusal:
         return done(MigrationOutcome.REFUSED, refusal)
-    exported = _by_reference(engines[source]).export_session.remote(session_id)
+    exported = by_reference(engines[source]).export_session.remote(session_id)
     try:
         imported = await asyncio.wait_for(
-            _by_reference(engines[destination]).import_session.remote(exported), timeout_s
+            by_reference(engines[destination]).import_session.remote(exported), timeout_s
         )
     except Exception as exc:
-        export_error = await _error_of(exported, timeout_s)
+        export_error = await error_of(exported, timeout_s)
         if export_error is not None:
             return done(MigrationOutcome.ABORTED_SOURCE, f"export failed: {export_error!r}")
-        _drop(engines[destination], session_id, f"import failed on {destination}")
+        release(engines[destination], session_id, f"import failed on {destination}")
         return done(MigrationOutcome.ABORTED_DESTINATION, f"import failed: {exc!r}")
     try:
         await asyncio.to_thread(
@@ -140,9 +156,9 @@ async def migrate_paused_session(
             lambda current: replace(current, instance_id=destination),
         )
     except (SessionConflict, UnknownSession) as exc:
-        _drop(engines[destination], session_id, "migration not committed")
+        release(engines[destination], session_id, "migration not committed")
         return done(MigrationOutcome.ABORTED_CONFLICT, str(exc))
-    _drop(engines[source], session_id, f"migrated to {destination}")
+    release(engines[source], session_id, f"migrated to {destination}")
     return done(MigrationOutcome.COMMITTED, **imported)
 
 
@@ -201,7 +217,7 @@ async def drain_instance(
             record = None
         if record is None or record.instance_id != instance_id:
             elsewhere = "no record" if record is None else f"its record is on {record.instance_id}"
-            _drop(engine, session_id, f"drain: {elsewhere}")
+            release(engine, session_id, f"drain: {elsewhere}")
             released.append(session_id)
             continue
         migrations.append(
@@ -275,7 +291,7 @@ def _refusal(record: SessionRecord, destination: str, engines: Mapping[str, Any]
     return ""
 
 
-def _by_reference(engine: Any) -> Any:
+def by_reference(engine: Any) -> Any:
     """The handle for the KV's path: its calls are Ray actor calls, whose
     results travel through Ray's object store from the source replica to
     the destination's (Serve's default gRPC transport between replicas caps a
@@ -283,7 +299,7 @@ def _by_reference(engine: Any) -> Any:
     return engine.options(_by_reference=True)
 
 
-async def _error_of(response: Any, timeout_s: float) -> BaseException | None:
+async def error_of(response: Any, timeout_s: float) -> BaseException | None:
     """The error of a remote call whose result was passed on, if it failed."""
     try:
         await asyncio.wait_for(response, timeout_s)
@@ -292,22 +308,28 @@ async def _error_of(response: Any, timeout_s: float) -> BaseException | None:
     return None
 
 
-def _drop(engine: Any, session_id: str, why: str) -> None:
+def in_background(call: Awaitable[Any], what: str) -> None:
+    """Await a remote `call` (a compensation, a release) in the background,
+    with the step timeout; a failure is logged as `what` failing."""
+
+    async def run() -> None:
+        try:
+            await asyncio.wait_for(call, MIGRATION_STEP_TIMEOUT_S)
+        except Exception as exc:
+            logger.warning("%s failed: %r", what, exc)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _IN_BACKGROUND.add(task)
+    task.add_done_callback(_IN_BACKGROUND.discard)
+
+
+_IN_BACKGROUND: set[asyncio.Task[None]] = set()
+"""Calls in flight (a task nobody references may be collected)."""
+
+
+def release(engine: Any, session_id: str, why: str) -> None:
     """Release the session's KV on `engine` in the background (a compensation,
     or the source's release after the commit). An engine that does not
     answer releases it at its idle sweep (`session_ttl_s`)."""
-
-    async def release() -> None:
-        try:
-            call = engine.end_session.remote(session_id, why)
-            await asyncio.wait_for(call, MIGRATION_STEP_TIMEOUT_S)
-        except Exception as exc:
-            logger.warning("release of session=%s (%s) failed: %r", session_id, why, exc)
-
-    task = asyncio.get_running_loop().create_task(release())
-    _RELEASES.add(task)
-    task.add_done_callback(_RELEASES.discard)
-
-
-_RELEASES: set[asyncio.Task[None]] = set()
-"""Releases in flight (a task nobody references may be collected)."""
+    call = engine.end_session.remote(session_id, why)
+    in_background(call, f"release of session={session_id} ({why})")

@@ -32,7 +32,7 @@ from cluster.logs import serve_logger
 from cluster.state_store import MessageMark, SessionRecord
 from policies import DispatchDecision, NoInstanceAvailable, block_hashes
 from workers.hints import SegmentHints
-from workers.turns import SessionAction, TurnEnd, TurnOutput, TurnRequest
+from workers.turns import SessionAction, TurnEnd, TurnMoved, TurnOutput, TurnRequest
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -51,6 +51,35 @@ TURN_EVENT_TIMEOUT_S = 600.0
 """The longest a turn waits for its engine's next event (its first token
 included: a turn may queue behind others). A replica that dies is reported
 by Ray at once; this bounds a hung one."""
+
+
+@dataclass
+class LiveMove:
+    """One live move of a turn, as its stream saw it."""
+
+    source: str
+    destination: str
+    after_tokens: int
+    """Tokens the turn had generated when it stopped on the source."""
+    source_last_token_s: float | None
+    first_token_s: float | None = None
+
+    @property
+    def downtime_s(self) -> float | None:
+        """The gap in the client's stream: the source's last token out to
+        the continuation's first."""
+        if self.first_token_s is None or self.source_last_token_s is None:
+            return None
+        return self.first_token_s - self.source_last_token_s
+
+    def as_json(self) -> dict[str, Any]:
+        downtime = self.downtime_s
+        return {
+            "from": self.source,
+            "to": self.destination,
+            "after_tokens": self.after_tokens,
+            "downtime_ms": None if downtime is None else 1000 * downtime,
+        }
 
 
 @dataclass
@@ -77,6 +106,12 @@ class Turn:
     phases_s: dict[str, float] = field(default_factory=dict)
     """Seconds of this turn's steps in the ingress (`TURN_PHASES`), as far as
     it got: where the serving stack's share of a turn goes."""
+    request: TurnRequest | None = None
+    """The turn's engine request, once placed."""
+    running: TurnRequest | None = None
+    """The engine request being read: `request`, or a live move's continuation."""
+    moves: list[LiveMove] = field(default_factory=list)
+    last_token_s: float | None = None
 
     @property
     def action(self) -> SessionAction:
@@ -168,6 +203,7 @@ class Turn:
         self.phases_s["until_engine_call"] = waited - began
         final: RequestOutput | None = None
         ended = False
+        self.request = self.running = turn
         try:
             events = await feed.start(turn)
             self.phases_s["engine_call_ack"] = time.monotonic() - waited
@@ -182,14 +218,19 @@ class Turn:
                         raise event.error
                     if isinstance(event, TurnOutput):
                         output = event.with_prompt(prompt_token_ids).output
-                        if self.first_token_s is None and output.outputs[0].token_ids:
-                            self.first_token_s = time.monotonic()
+                        output.request_id = request_id  # a continuation's too
+                        if output.outputs[0].token_ids:
+                            self._token_out()
                         if output.finished:
                             final = output
                             continue
                         yield output
+                    elif isinstance(event, TurnMoved):
+                        # The last event of the request it ends: go on elsewhere.
+                        feed, events = await self._continue(event)
+                        break
                     elif isinstance(event, TurnEnd):
-                        self.end, ended = event, True
+                        self.end, ended = self._whole(event), True
                         if final is not None:
                             yield final
         except (ValueError, TypeError, VLLMClientError) as exc:  # the engine refused the input
@@ -200,17 +241,78 @@ class Turn:
                 "turn failed session=%s request=%s instance=%s: %r",
                 self.session_id,
                 request_id,
-                decision.instance_id,
+                self.instance_id,
                 exc,
             )
             raise EngineUnavailable(
-                f"engine instance {decision.instance_id} failed during the turn ({exc!r}); "
+                f"engine instance {self.instance_id} failed during the turn ({exc!r}); "
                 "the session is as it was before this turn: retry it"
             ) from exc
         finally:
             self.engine_wait_s += time.monotonic() - waited
             if not ended:
-                feed.abort(request_id)
+                feed.abort(self.running.request_id)
+
+    # --------------------------------------------------------- live moves
+    def _token_out(self) -> None:
+        now = time.monotonic()
+        if self.first_token_s is None:
+            self.first_token_s = now
+        move = self.moves[-1] if self.moves else None
+        if move is not None and move.first_token_s is None:
+            move.first_token_s = now
+            logger.info(
+                "turn moved session=%s request=%s from=%s to=%s after_tokens=%d downtime_ms=%s",
+                self.session_id,
+                self.running.request_id,
+                move.source,
+                move.destination,
+                move.after_tokens,
+                _ms(move.downtime_s),
+            )
+        self.last_token_s = now
+
+    async def _continue(self, moved: TurnMoved) -> tuple[Any, asyncio.Queue[Any]]:
+        """Start the turn's continuation where its engine handed it over
+        (`cluster.live_migration`): on the destination, or if that fails on
+        the instance it stopped on (which recomputes what it let go)."""
+        rest = continuation(self.request, list(moved.token_ids), len(self.moves) + 1)
+        source = self.instance_id
+        failure: BaseException | None = None
+        for instance in dict.fromkeys((moved.destination, source)):
+            try:
+                feed = self.services.feeds[instance]
+                events = await feed.start(rest)
+            except Exception as exc:
+                logger.warning(
+                    "turn continuation session=%s request=%s on %s failed: %r",
+                    self.session_id,
+                    rest.request_id,
+                    instance,
+                    exc,
+                )
+                failure = exc
+                continue
+            after = len(moved.token_ids) - len(self.request.prompt_token_ids)
+            self.moves.append(LiveMove(source, instance, after, self.last_token_s))
+            self.running, self.instance_id = rest, instance
+            return feed, events
+        raise ConnectionError(f"the turn's continuation started nowhere: {failure!r}")
+
+    def _whole(self, end: TurnEnd) -> TurnEnd:
+        """The turn's end: after a move its continuation's, with the tokens
+        generated before the move in front (the record appends them all)."""
+        if self.running is self.request:
+            return end
+        before = self.running.prompt_token_ids[len(self.request.prompt_token_ids) :]
+        return TurnEnd(
+            request_id=self.request.request_id,
+            finish_reason=end.finish_reason,
+            prompt_token_ids=tuple(self.request.prompt_token_ids),
+            output_token_ids=(*before, *end.output_token_ids),
+            kv=end.kv,
+            engine_s=time.monotonic() - self.started_s,
+        )
 
     async def _place(self, prompt_token_ids: Sequence[int]) -> DispatchDecision:
         affinity = self.record.instance_id if self.record is not None else None
@@ -259,12 +361,42 @@ class Turn:
             field["kv"] = kv
             field["engine_s"] = self.end.engine_s
             field["phases_ms"] = {name: 1000 * s for name, s in self.phases_s.items()}
+        if self.moves:
+            field["moves"] = [move.as_json() for move in self.moves]
         if self.session_id is not None:
             field["session_id"] = self.session_id
             field["session_state"] = "closed" if self.close else "paused"
             if self.plan is not None:
                 field["history"] = self.plan.summary()
         return field
+
+
+def continuation(request: TurnRequest, token_ids: list[int], moves: int) -> TurnRequest:
+    """The engine request that continues `request` from `token_ids` (its
+    prompt and the tokens generated so far) after its `moves`-th live move.
+    An engine stops a turn only while it runs, so before its last token."""
+    generated = len(token_ids) - len(request.prompt_token_ids)
+    sampling = request.sampling.clone()
+    remaining = (sampling.max_tokens or 0) - generated
+    if generated < 0 or remaining < 1:
+        raise ValueError(
+            f"request {request.request_id} stopped after {generated} of "
+            f"{sampling.max_tokens} tokens: nothing to continue"
+        )
+    sampling.max_tokens = remaining
+    sampling.min_tokens = max(0, sampling.min_tokens - generated)
+    return TurnRequest(
+        request_id=f"{request.request_id}-moved-{moves}",
+        prompt_token_ids=token_ids,
+        sampling=sampling,
+        session_id=request.session_id,
+        action=request.action,
+        hints=request.hints,
+    )
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.0f}"
 
 
 def _cause(exc: BaseException) -> BaseException:

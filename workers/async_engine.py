@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from workers.engine import AugmentedRequest, EngineConfig, MarsEngine, PlanSession, PlanState
 from workers.tools import ToolRegistry
-from workers.turns import TurnEnd, TurnEvent, TurnRequest
+from workers.turns import TurnEnd, TurnEvent, TurnMoved, TurnRequest
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -58,7 +58,7 @@ class TurnFeed:
         for event in batch:
             if isinstance(event, _Failed):
                 raise EngineStopped(f"the MARS engine failed: {event.reason}")
-            if isinstance(event, TurnEnd):
+            if isinstance(event, (TurnEnd, TurnMoved)):
                 self.running.discard(event.request_id)
         return batch  # type: ignore[return-value]  # no _Failed left
 
@@ -139,6 +139,15 @@ class AsyncMarsEngine:
         feed.running.discard(request_id)
         if self._failure is None and self._thread.is_alive():
             self._commands.put(lambda engine: engine.abort_turn(request_id))
+
+    def hand_over(self, moved: TurnMoved) -> None:
+        """End a turn that the engine stopped for a live move on its feed with
+        `moved` (after its last output, which the engine delivered before it
+        stopped). Raises ValueError for a turn not on a feed here."""
+        feed = self._feeds.pop(moved.request_id, None)
+        if feed is None:
+            raise ValueError(f"request_id {moved.request_id!r} has no feed here")
+        feed._put([moved])
 
     async def generate(self, turn: TurnRequest) -> AsyncIterator[list[TurnEvent]]:
         """Run one turn on a feed of its own; yield its outputs, then its

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -50,6 +51,7 @@ from workers.turns import (
     TurnEvent,
     TurnOutput,
     TurnRequest,
+    live_move_refusal,
     mars_extra_args,
 )
 
@@ -179,6 +181,14 @@ class SessionInfo:
 
 
 @dataclass
+class _Incoming:
+    """The stages of one request moving here, and when the last came."""
+
+    stages: list[RunningKv] = field(default_factory=list)
+    touched_s: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class _LiveTurn:
     turn: TurnRequest
     engine_request_id: str
@@ -222,7 +232,7 @@ class MarsEngine:
         self._timers: list[tuple[float, int, str, list[int]]] = []
         self._tie = itertools.count()
         self._ended: collections.deque[str] = collections.deque()
-        self._incoming: dict[str, list[RunningKv]] = {}
+        self._incoming: dict[str, _Incoming] = {}
         """Stages of requests moving here, by key (`stage_in`)."""
         if config.profile_costs and config.scheduler.cost is None:
             self.scheduler.set_cost_model(self.profile_costs())
@@ -306,6 +316,22 @@ class MarsEngine:
             state=self.scheduler.parked_state(session_id),
         )
 
+    @property
+    def live_sessions(self) -> frozenset[str]:
+        """The sessions with a turn running here."""
+        return frozenset(self._live_sessions)
+
+    def movable_turn(self, session_id: str) -> str:
+        """The request id of the session's turn running here, if it may move
+        live (`workers.turns.live_move_refusal`); else ValueError saying why."""
+        request_id = self._live_sessions.get(session_id)
+        if request_id is None:
+            raise ValueError(f"session {session_id!r} has no turn running on this engine")
+        refusal = live_move_refusal(self._live[request_id].turn)
+        if refusal:
+            raise ValueError(f"the turn of session {session_id!r} cannot move live: {refusal}")
+        return request_id
+
     def running_kv(
         self, request_id: str, first_block: int, *, stop: bool, copy: bool = True
     ) -> RunningKv:
@@ -341,22 +367,49 @@ class MarsEngine:
             self.abort_turn(request_id)
         return stage
 
-    def stage_in(self, key: str, stage: RunningKv) -> None:
+    def stage_in(self, key: str, stage: RunningKv, now: float | None = None) -> int:
         """Hold one stage of a request moving here (host memory) until
         `commit_incoming`: the stages copied while it still decodes on its
         source travel before it stops, so that only the last one is on the
-        move's critical path."""
-        self._incoming.setdefault(key, []).append(stage)
+        move's critical path. Returns the block the next stage starts at.
+        Held under a lease (`drop_stale_incoming`): a move whose coordinator
+        vanished does not hold host memory for ever."""
+        incoming = self._incoming.setdefault(key, _Incoming())
+        incoming.stages.append(stage)
+        incoming.touched_s = time.monotonic() if now is None else now
+        return stage.first_block + stage.num_blocks
 
-    def commit_incoming(self, key: str, last: RunningKv, state: ParkedState) -> None:
+    def commit_incoming(
+        self, key: str, last: RunningKv, state: ParkedState, session_id: str | None = None
+    ) -> dict[str, Any]:
         """The last stage of a moving request: park its whole KV here under
-        `key` (`import_session`), for the turn that continues it."""
-        stages = [*self._incoming.pop(key, []), last]
-        self.import_session(session_kv_from_stages(key, stages, self.config.block_size, state))
+        `session_id` (default: `key`; `import_session`), for the turn that
+        continues it. Returns the request's tokens at its stop (the
+        continuation's prompt), and the stages, tokens and bytes that came."""
+        incoming = self._incoming.pop(key, _Incoming())
+        stages = [*incoming.stages, last]
+        kv = session_kv_from_stages(session_id or key, stages, self.config.block_size, state)
+        self.import_session(kv)
+        return {
+            "token_ids": list(last.token_ids),
+            "stages": sum(1 for stage in stages if stage.shards is not None),
+            "kv_tokens": len(kv.token_ids) if kv.shards is not None else 0,
+            "kv_bytes": sum(stage.nbytes for stage in stages),
+        }
 
     def drop_incoming(self, key: str) -> None:
         """Forget the stages of a move that did not complete."""
         self._incoming.pop(key, None)
+
+    def drop_stale_incoming(self, lease_s: float, now: float | None = None) -> list[str]:
+        """Drop the stages of moves that got none for `lease_s` seconds (their
+        coordinator is gone: Llumnix's watchdog on pre-allocations); return
+        their keys."""
+        now = time.monotonic() if now is None else now
+        stale = [key for key, held in self._incoming.items() if now - held.touched_s > lease_s]
+        for key in stale:
+            del self._incoming[key]
+        return stale
 
     def import_session(self, kv: SessionKv) -> None:
         """Park a session exported by another engine: its next turn here

@@ -128,7 +128,47 @@ class TurnEnd:
     """The engine's own time on the turn, from its arrival to its end."""
 
 
-TurnEvent = TurnOutput | TurnEnd
+@dataclass(frozen=True)
+class TurnMoved:
+    """The turn stopped on this engine for a live move; sent instead of its
+    `TurnEnd`, after its last output. It goes on from `token_ids` (its
+    prompt and every token it generated here) on `destination`."""
+
+    request_id: str
+    destination: str
+    token_ids: tuple[int, ...]
+
+
+TurnEvent = TurnOutput | TurnEnd | TurnMoved
+
+
+def live_move_refusal(turn: TurnRequest) -> str:
+    """Why `turn` cannot move to another engine while it runs (empty when it
+    can). Its continuation there is a new vLLM request from the tokens so
+    far, so whatever state the sampler keeps beyond them would be lost."""
+    from vllm.sampling_params import RequestOutputKind
+
+    sampling = turn.sampling
+    reasons = []
+    if turn.session_id is None:
+        reasons.append("it is not a session's turn (a moved KV is parked under its session)")
+    if sampling.output_kind is not RequestOutputKind.DELTA:
+        reasons.append("it is not streamed (a non-streamed turn moves once it pauses)")
+    if sampling.n != 1:
+        reasons.append(f"it samples n={sampling.n} choices")
+    if sampling.stop:
+        reasons.append("its stop strings' held-back text does not travel")
+    if sampling.seed is not None and sampling.temperature > 0:
+        reasons.append("its seeded sampler's generator state does not travel")
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        reasons.append("its presence and frequency penalties count its output so far")
+    if sampling.structured_outputs is not None:
+        reasons.append("its grammar's state does not travel")
+    if sampling.prompt_logprobs is not None:
+        reasons.append("it asked for prompt logprobs")
+    if sampling.bad_words:
+        reasons.append("its bad-words matching spans the output so far")
+    return "; ".join(reasons)
 
 
 def mars_extra_args(turn: TurnRequest) -> dict[str, Any]:

@@ -216,6 +216,80 @@ def test_a_paused_session_moves_to_the_other_instance_and_resumes_there_with_its
     assert _get(f"{server}/v1/sessions/mover")[1]["instance_id"] == destination
 
 
+def _stream_text(chunks) -> tuple[str, dict | None, object]:
+    """The streamed answer's text, its `mars` chunk and its usage."""
+    text, mars, usage = "", None, None
+    for chunk in chunks:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        mars = (chunk.model_extra or {}).get("mars") or mars
+        usage = chunk.usage or usage
+    return text, mars, usage
+
+
+LONG = {
+    "max_tokens": 400,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "extra_body": {"ignore_eos": True},
+}
+
+
+def test_a_streaming_turn_moves_live_and_its_client_reads_every_token_once(
+    server: str, client
+) -> None:
+    history = [{"role": "user", "content": "a long story, please"}]
+    first = _ask(client, "live-mover", history, max_tokens=4)
+    source = first.model_extra["mars"]["instance_id"]
+    (destination,) = {"default-0", "default-1"} - {source}
+    history += [first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "user", "content": "go on, at length"}]
+    # The unmoved twin first: its answer is what the moved one must read.
+    _ask(client, "live-twin", history[:1], max_tokens=4)
+    twin_text, twin_mars, twin_usage = _stream_text(_ask(client, "live-twin", history, **LONG))
+    assert "moves" not in twin_mars and twin_usage.completion_tokens == 400
+
+    chunks = iter(_ask(client, "live-mover", history, **LONG))
+    head = [next(chunks) for _ in range(3)]  # it streams from its instance
+    status, body = _post(f"{server}/v1/sessions/live-mover/migrate", {"instance_id": destination})
+    assert status == 200, body
+    migration = body["migration"]
+    assert migration["live"] and migration["outcome"] == "committed", migration
+    assert migration["source"] == source and migration["stages"] >= 1
+    assert migration["kv_tokens"] > 0 and migration["stopped_s"] > 0
+    text, mars, usage = _stream_text([*head, *chunks])
+    assert text == twin_text  # every token once, in order, as if it had not moved
+    assert usage.completion_tokens == 400 and usage.prompt_tokens == twin_usage.prompt_tokens
+    (move,) = mars["moves"]
+    assert (move["from"], move["to"]) == (source, destination)
+    assert 0 < move["after_tokens"] < 400 and move["downtime_ms"] > 0
+    # The continuation loaded the KV that came (what the destination's prefix
+    # cache did not already hold: the twin's prompt shares its first block),
+    # and recomputed none of it.
+    kv = mars["kv"]
+    assert mars["instance_id"] == destination and kv["resumed_from"] == "swap", mars
+    assert kv["loaded_tokens"] > 0 and kv["recomputed_tokens"] == 0, mars
+    assert kv["cached_tokens"] >= migration["kv_tokens"], (mars, migration)
+    record = _get(f"{server}/v1/sessions/live-mover")[1]
+    assert record["instance_id"] == destination and record["state"] == "paused"
+    assert record["tokens"] == _get(f"{server}/v1/sessions/live-twin")[1]["tokens"]
+
+
+def test_a_turn_whose_sampler_state_cannot_travel_is_not_moved(server: str, client) -> None:
+    history = [{"role": "user", "content": "stop me if you can"}]
+    chunks = iter(_ask(client, "live-refused", history, stop=["never appears"], **LONG))
+    head = next(chunks)
+    status, body = _post(f"{server}/v1/sessions/live-refused/migrate", {"instance_id": "default-0"})
+    if status == 409 and "already on" in body["error"]["message"]:
+        status, body = _post(
+            f"{server}/v1/sessions/live-refused/migrate", {"instance_id": "default-1"}
+        )
+    assert status == 409, body
+    assert "cannot move live: its stop strings" in body["error"]["message"], body
+    _, mars, usage = _stream_text([head, *chunks])
+    assert "moves" not in mars and usage.completion_tokens == 400
+
+
 def test_the_cli_moves_a_session_and_drains_an_instance(server: str, client, capsys) -> None:
     from cluster.cli import main
 
