@@ -5,10 +5,12 @@ and an instance drained while the sessions run.
 Round robin places each new session on the next instance whatever it holds,
 so with sessions of very different lengths (an INFERCEPT trace, or the
 generated `agent_mix`) one instance can run out of KV blocks while the
-other has room. With `migration: {policy: relocate_paused}` the global
-scheduler moves sessions paused on a tool call off the instance under
-pressure (`policies.migration.RelocatePaused`); their next turns run where
-the room is. Everything else is `bench.http_bench`'s: the workload, the
+other has room. By default (`--order skewed`) heavy and light sessions
+alternate, so that every heavy one lands on the same instance. With
+`migration: {policy: relocate_paused}` the global scheduler moves sessions
+paused on a tool call off the instance under pressure
+(`policies.migration.RelocatePaused`); their next turns run where the room
+is. Everything else is `bench.http_bench`'s: the workload, the
 client (streamed text completions with tool hints, the API call slept by
 the client), the rows' latency figures.
 
@@ -32,6 +34,8 @@ import os
 import sys
 import time
 import urllib.request
+from dataclasses import replace
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from bench.http_bench import (
     DEFAULT_SERVE_CONFIG,
     READY_TIMEOUT_S,
     BenchConfig,
+    Workload,
     _wait_ready,
     build_trace_workload,
     ray_serve,
@@ -81,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--interval-s", type=float, default=0.5, help="seconds between rounds")
     p.add_argument("--drain", action="store_true", help="also drain default-0 under load")
+    p.add_argument(
+        "--order",
+        choices=("skewed", "trace"),
+        default="skewed",
+        help="skewed: heavy and light sessions alternate, so round robin puts the heavy "
+        "ones on one instance (default); trace: the trace's own order",
+    )
     p.add_argument("--serve-config", default=str(DEFAULT_SERVE_CONFIG))
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results" / "migration_load.json"))
     p.add_argument("--no-progress", action="store_true")
@@ -100,6 +112,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the fields `bench.http_bench`'s workload builder reads
     args.seed, args.predictor, args.instances = args.seeds[0], "online", 2
     return args
+
+
+def skewed(workload: Workload) -> Workload:
+    """`workload` with its sessions reordered heavy, light, heavy, light...
+    (by total context tokens; the arrival offsets stay as they were): round
+    robin then places every heavy session on one instance. The skewed
+    placement the migration policy has to repair, made on purpose."""
+    order = sorted(
+        range(len(workload.requests)), key=lambda i: (-workload.requests[i].total_tokens, i)
+    )
+    half = (len(order) + 1) // 2
+    heavy, light = order[:half], order[half:]
+    interleaved = [i for pair in zip_longest(heavy, light) for i in pair if i is not None]
+    return replace(
+        workload,
+        requests=[workload.requests[i] for i in interleaved],
+        plans=[workload.plans[i] for i in interleaved],
+    )
 
 
 def with_migration(
@@ -200,6 +230,7 @@ async def run_once(
             "instances": 2,
             "policy_params": args.policy_params if mode == "on" else None,
             "replay_s": replay_s,
+            "order": args.order,
             "kv_blocks": args.kv_blocks,
             "host_swap_tokens": args.host_swap_tokens,
             "token_scale": args.token_scale,
@@ -279,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 args.seed = seed
                 workload = build_trace_workload(args.trace, args, tokenizer, words)
+                if args.order == "skewed":
+                    workload = skewed(workload)
                 config = serving_config(
                     base,
                     PLACEMENT,
@@ -305,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_all())
     print(
         f"\n{args.trace}: {args.max_requests} sessions at {args.load:g}/s, 2 instances x "
-        f"{args.kv_blocks} KV blocks ({args.kv_blocks * BLOCK_SIZE} tokens), round robin"
+        f"{args.kv_blocks} KV blocks ({args.kv_blocks * BLOCK_SIZE} tokens), round robin, "
+        f"{args.order} order"
     )
     print(format_table(rows))
     print(p99_verdict(rows))

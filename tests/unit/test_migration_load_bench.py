@@ -66,3 +66,20 @@ def test_bad_arguments_are_named(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_skewed_order_alternates_heavy_and_light_sessions() -> None:
+    from types import SimpleNamespace
+
+    from bench.http_bench import Workload
+    from bench.migration_load import skewed
+
+    sizes = [10, 50, 20, 40, 30]
+    workload = Workload(
+        "w", [SimpleNamespace(total_tokens=n) for n in sizes], [[n] for n in sizes], 0, 64
+    )
+    reordered = skewed(workload)
+    # heavy 50, 40, 30 and light 20, 10, interleaved: round robin puts
+    # every heavy one on the first instance
+    assert [r.total_tokens for r in reordered.requests] == [50, 20, 40, 10, 30]
+    assert reordered.plans == [[50], [20], [40], [10], [30]]
