@@ -693,6 +693,8 @@ def _engine_kwargs(config: EngineConfig) -> dict:
             kv_connector="MarsKVConnector",
             kv_connector_module_path="workers.kv_connector",
             kv_role="kv_both",
+            # A block the connector fails to load is recomputed, not fatal.
+            kv_load_failure_policy="recompute",
             kv_connector_extra_config={
                 "host_capacity_tokens": config.host_swap_tokens,
                 RECORD_DIGESTS_KEY: config.record_kv_digests,

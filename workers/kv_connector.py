@@ -31,6 +31,7 @@ the blocks only at the next step, so the copy never races a new owner.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
 
 RECORD_DIGESTS_KEY = "record_digests"
 """`kv_connector_extra_config` flag: keep a SHA-256 of every copied block
@@ -123,6 +126,7 @@ class MarsKVConnector(KVConnectorBase_V1):
         # Worker side.
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._host: dict[str, dict[str, torch.Tensor]] = {}
+        self._load_errors: set[int] = set()
         self.swap_log: dict[str, list[SwapRecord]] = {}
 
     # ---------------------------------------------------------------- scheduler
@@ -144,6 +148,11 @@ class MarsKVConnector(KVConnectorBase_V1):
                 f"swap of {len(token_ids)} tokens exceeds free host space {self.free_host_tokens}"
             )
         needed = -(-len(token_ids) // self._block_size)
+        if key in self._pending_drop:
+            # An older copy's drop (its session's last turn did not load it)
+            # would run after this copy-out on the worker and take the new
+            # copy with it; the copy-out replaces the old one anyway.
+            self._pending_drop.remove(key)
         self._pending_out.append(BlockCopy(key, tuple(block_ids[:needed])))
         self._host_copies[key] = HostCopy(tuple(token_ids))
 
@@ -294,7 +303,19 @@ class MarsKVConnector(KVConnectorBase_V1):
             self.swap_log.setdefault(copy.key, []).append(record)
 
     def _copy_in(self, copy: BlockCopy) -> None:
-        saved = self._host.pop(copy.key)
+        saved = self._host.pop(copy.key, None)
+        if saved is None:
+            # The scheduler counted on a host copy this worker does not hold.
+            # Report its blocks as not loaded: vLLM recomputes them
+            # (`kv_load_failure_policy="recompute"`) instead of the engine
+            # failing every request it runs.
+            logger.warning(
+                "no host copy of session %s to load into %d blocks: they are recomputed",
+                copy.key,
+                len(copy.block_ids),
+            )
+            self._load_errors.update(copy.block_ids)
+            return
         index = torch.tensor(copy.block_ids, dtype=torch.long)
         end = copy.first_block + len(copy.block_ids)
         for name, kv in self._kv_caches.items():
@@ -313,6 +334,11 @@ class MarsKVConnector(KVConnectorBase_V1):
             blocks = kv.index_select(0, index.to(kv.device)).cpu().contiguous()
             sha.update(blocks.view(torch.uint8).numpy().tobytes())
         return sha.hexdigest()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks a copy-in of this step could not fill (see `_copy_in`)."""
+        failed, self._load_errors = self._load_errors, set()
+        return failed
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

@@ -191,6 +191,33 @@ def test_swap_copies_to_host_and_loads_back_byte_identical_after_eviction(tiny_m
         assert second[swapped].output_token_ids == _twin_continuation(engine, first[swapped])
 
 
+def _forget_host_copy(worker: object, key: str) -> None:
+    """On a worker (`collective_rpc`): lose a session's host copy, as a
+    bookkeeping bug between scheduler and worker would."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    del get_kv_transfer_group()._host[key]
+
+
+def test_a_host_copy_that_cannot_be_loaded_is_recomputed_not_fatal(tiny_model_dir):
+    """A copy-in that finds nothing on the worker reports its blocks as not
+    loaded: vLLM recomputes them, and the engine goes on serving (it used to
+    fail with a KeyError, and every request on it with it)."""
+    with mars_engine(tiny_model_dir, cost=SWAP_IS_CHEAP, num_kv_blocks=24, max_model_len=640) as e:
+        first = _park_two(e, LONG_CALL)
+        step_until(e, lambda: "swap" in {_strategy(e, s) for s in "ab"})
+        (swapped,) = [s for s in "ab" if _strategy(e, s) == "swap"]
+        e.step()  # the copy-out runs; the blocks are freed at the next step
+        e.step()
+        e._llm.collective_rpc(_forget_host_copy, args=(swapped,))
+        _evict_free_cached_blocks(e)
+        second = _resume(e, first)
+        assert second[swapped].kv.resumed_from.value == "swap"
+        assert len(second[swapped].output_token_ids) > 0
+        assert second[swapped].output_token_ids == _twin_continuation(e, first[swapped])
+        assert e.scheduler.free_blocks() > 0  # and it still runs turns
+
+
 def test_a_history_that_diverges_from_the_host_copy_loads_nothing(tiny_model_dir):
     """The host copy holds the KV of one context: a next turn whose prompt
     does not start with it (an edited history) must not load it."""
