@@ -336,10 +336,14 @@ def _migration_line(migration: dict) -> str:
     where = f"{migration['session_id']} {migration['source']} -> {migration['destination']}"
     if migration["outcome"] != "committed":
         return f"{where}: {migration['outcome']}: {migration['reason']}"
-    return (
+    line = (
         f"{where}: moved {migration['kv_tokens']} tokens of KV "
         f"({migration['kv_bytes'] / 2**20:.1f} MiB) in {migration['seconds']:.3f} s"
     )
+    if migration.get("live"):
+        stopped_ms = 1000 * (migration.get("stopped_s") or 0.0)
+        line += f", live: {migration['stages']} stages, stopped {stopped_ms:.0f} ms"
+    return line
 
 
 def _call(method: str, url: str, body: dict | None = None) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -98,6 +99,9 @@ class EngineInstance:
         self._feeds: dict[str, TurnFeed] = {}
         self._accepting = True
         """False while draining (`drain`): placement sends no new session here."""
+        self._moves: dict[str, tuple[str, float]] = {}
+        """Each session whose turn a live move is copying: the move, and when
+        its last stage was read (`live_stage`)."""
         self._stopped: dict[str, RunningKv] = {}
         """The last stage of each session's turn stopped here for a live
         move, until `hand_over`."""
@@ -223,19 +227,33 @@ class EngineInstance:
         engine = await self._ready()
         return await engine.call(lambda e: session_id in e.live_sessions)
 
-    async def live_stage(self, session_id: str, first_block: int, stop: bool) -> RunningKv:
+    async def live_stage(
+        self, session_id: str, move: str, first_block: int, stop: bool
+    ) -> RunningKv:
         """A stage of the session's running turn moving to another instance
-        (`MarsEngine.running_kv`), read while it decodes, or with `stop` its
-        last one: the turn then stops here and waits for `hand_over`, its
-        session's KV parked here until `end_session`. Raises ValueError when
-        the session has no turn running here, or one that cannot move."""
+        (`MarsEngine.running_kv`) for the move named `move`, read while it
+        decodes, or with `stop` its last one: the turn then stops here and
+        waits for `hand_over`, its session's KV parked here until
+        `end_session`. Raises ValueError when the session has no turn running
+        here, one that cannot move, or one another move is copying (one move
+        per session; a claim lapses after `INCOMING_LEASE_S` without a stage)."""
+        now = time.monotonic()
+        claim = self._moves.get(session_id)
+        if claim is not None and claim[0] != move and now - claim[1] < INCOMING_LEASE_S:
+            raise ValueError(f"session {session_id!r} is already moving ({claim[0]})")
+        self._moves[session_id] = (move, now)
         engine = await self._ready()
 
         def stage(e: Any) -> RunningKv:
             return e.running_kv(e.movable_turn(session_id), first_block, stop=stop)
 
-        kv = await engine.call(stage)
+        try:
+            kv = await engine.call(stage)
+        except BaseException:
+            self._moves.pop(session_id, None)
+            raise
         if stop:
+            del self._moves[session_id]
             self._stopped[session_id] = kv
             loop = asyncio.get_running_loop()
             loop.call_later(STOPPED_LEASE_S, self._take_back, session_id, kv)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -174,7 +175,7 @@ async def move_running_turn(
     if destination == source:
         return done(f"session {session_id!r} is already on {destination}")
     src, dst = engines[source], engines[destination]
-    key = f"{session_id}@{record.turn_id}"
+    key = f"{session_id}@{record.turn_id}#{uuid.uuid4().hex[:8]}"
 
     def drop_stages() -> None:
         in_background(dst.drop_incoming.remote(key), f"dropping the stages of {key}")
@@ -182,7 +183,7 @@ async def move_running_turn(
     state = LiveMoveState.STAGING
     first_block = 0
     while stages < MAX_STAGES:
-        stage = by_reference(src).live_stage.remote(session_id, first_block, False)
+        stage = by_reference(src).live_stage.remote(session_id, key, first_block, False)
         try:
             next_block = await asyncio.wait_for(
                 by_reference(dst).stage_in.remote(key, stage), timeout_s
@@ -204,7 +205,7 @@ async def move_running_turn(
 
     state = advance(state, LiveMoveEvent.STOP)
     stopping = time.monotonic()
-    last = by_reference(src).live_stage.remote(session_id, first_block, True)
+    last = by_reference(src).live_stage.remote(session_id, key, first_block, True)
     parked = ParkedState(None, None, 0.0, 0, 0, record.turns + 1)
     try:
         committed = await asyncio.wait_for(

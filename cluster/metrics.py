@@ -137,27 +137,48 @@ class MigrationMetrics:
     def __init__(self) -> None:
         self._migrations = Counter(
             "mars_migrations",
-            description="Moves of paused sessions between instances, by outcome and reason.",
-            tag_keys=("outcome", "reason"),
+            description="Moves of sessions between instances, by outcome, reason and kind "
+            "(paused: a session waiting on its client; live: a running turn).",
+            tag_keys=("outcome", "reason", "kind"),
+        )
+        self._stopped_s = Histogram(
+            "mars_migration_stopped_seconds",
+            description="A committed live move's stop to its hand-over: the turn generated "
+            "nothing then.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("reason",),
+        )
+        self._stages = Counter(
+            "mars_migration_stages",
+            description="KV copies of committed live moves (the last one after the stop).",
+            tag_keys=("reason",),
         )
         self._migration_s = Histogram(
             "mars_migration_seconds",
-            description="Time of a committed move of a paused session (export, import, commit).",
+            description="Time of a committed move (a paused session's export, import and "
+            "commit; a live move's stages, stop, commit and hand-over).",
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("reason",),
         )
         self._migrated_bytes = Counter(
             "mars_migrated_kv_bytes",
-            description="KV bytes moved with paused sessions between instances.",
+            description="KV bytes moved with sessions between instances.",
             tag_keys=("reason",),
         )
 
     def observe(self, migration: Migration, reason: str) -> None:
-        """One move of a paused session, whatever its outcome."""
-        self._migrations.inc(1, {"outcome": migration.outcome.value, "reason": reason})
+        """One move of a session, whatever its outcome."""
+        kind = "live" if migration.live else "paused"
+        self._migrations.inc(
+            1, {"outcome": migration.outcome.value, "reason": reason, "kind": kind}
+        )
         if migration.outcome.value == "committed":
             self._migration_s.observe(migration.seconds, {"reason": reason})
             self._migrated_bytes.inc(migration.kv_bytes, {"reason": reason})
+            if migration.live:
+                self._stages.inc(migration.stages, {"reason": reason})
+                if migration.stopped_s is not None:
+                    self._stopped_s.observe(migration.stopped_s, {"reason": reason})
 
 
 class IngressMetrics:

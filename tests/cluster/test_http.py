@@ -275,6 +275,28 @@ def test_a_streaming_turn_moves_live_and_its_client_reads_every_token_once(
     assert record["tokens"] == _get(f"{server}/v1/sessions/live-twin")[1]["tokens"]
 
 
+def test_two_moves_of_one_turn_at_once_make_one_move(server: str, client) -> None:
+    history = [{"role": "user", "content": "move me twice"}]
+    first = _ask(client, "live-twice", history, max_tokens=4)
+    (destination,) = {"default-0", "default-1"} - {first.model_extra["mars"]["instance_id"]}
+    history += [first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "user", "content": "and on"}]
+    chunks = iter(_ask(client, "live-twice", history, **LONG))
+    head = next(chunks)
+    url = f"{server}/v1/sessions/live-twice/migrate"
+    with ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(_post, url, {"instance_id": destination}) for _ in range(2)]
+        answers = sorted((call.result() for call in calls), key=lambda answer: answer[0])
+    (ok, moved), (conflict, refused) = answers
+    assert ok == 200 and moved["migration"]["outcome"] == "committed", answers
+    # the second found the turn moving, stopped, or already moved there
+    assert conflict == 409, answers
+    why = refused["error"]["message"]
+    assert re.search("already moving|already on|no turn running", why), refused
+    _, mars, usage = _stream_text([head, *chunks])
+    assert usage.completion_tokens == 400 and len(mars["moves"]) == 1, mars
+
+
 def test_a_turn_whose_sampler_state_cannot_travel_is_not_moved(server: str, client) -> None:
     history = [{"role": "user", "content": "stop me if you can"}]
     chunks = iter(_ask(client, "live-refused", history, stop=["never appears"], **LONG))
