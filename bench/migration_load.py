@@ -14,14 +14,16 @@ is. Everything else is `bench.http_bench`'s: the workload, the
 client (streamed text completions with tool hints, the API call slept by
 the client), the rows' latency figures.
 
-    python -m bench.migration_load --trace multi_api --load 2 --seeds 0 1 2
+    python -m bench.migration_load --serve-config configs/serve/local-cpu.yaml \
+        --seeds 0 1 2 --max-requests 24 --load 1 --kv-blocks 24 \
+        --host-swap-tokens 2048 --modes off on drain
 
 Writes `docs/results/migration_load.json`: one row per seed and `migration`
 ("on" or "off") with `e2e_p99_s`, the other latency figures, the sessions
-completed and failed and, when on, the moves by outcome; with `--drain`,
-one more row per seed (`migration` "drain", policy off) in which
-`default-0` is drained once a third of the sessions have arrived, with the
-drain's rounds, moves and seconds. A table goes to stdout.
+completed and failed and, when on, the moves by outcome; with `--modes
+... drain`, one more row per seed (`migration` "drain", policy off) in
+which `default-0` is drained once a third of the sessions have arrived,
+with the drain's rounds, moves (paused and live) and seconds. A table goes to stdout.
 """
 
 from __future__ import annotations
@@ -85,7 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="relocate_paused's parameters as JSON (default: its defaults)",
     )
     p.add_argument("--interval-s", type=float, default=0.5, help="seconds between rounds")
-    p.add_argument("--drain", action="store_true", help="also drain default-0 under load")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("off", "on", "drain"),
+        default=["off", "on"],
+        help="runs per seed: the policy off, on, and default-0 drained under load (policy off)",
+    )
     p.add_argument(
         "--order",
         choices=("skewed", "trace"),
@@ -160,7 +168,7 @@ async def drain_when(url: str, start_at: float) -> dict[str, Any]:
     reports it drained (or `DRAIN_DEADLINE_S` passes); what it took."""
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     began = time.monotonic()
-    rounds, moved, failed = 0, 0, 0
+    rounds, moved, live, failed = 0, 0, 0, 0
     drained = False
     while not drained and time.monotonic() - began < DRAIN_DEADLINE_S:
         body = await asyncio.to_thread(
@@ -169,6 +177,7 @@ async def drain_when(url: str, start_at: float) -> dict[str, Any]:
         rounds += 1
         outcomes = [m["outcome"] for m in body["migrations"]]
         moved += outcomes.count("committed")
+        live += sum(m["live"] and m["outcome"] == "committed" for m in body["migrations"])
         failed += len(outcomes) - outcomes.count("committed")
         drained = body["drained"]
         if not drained:
@@ -177,6 +186,7 @@ async def drain_when(url: str, start_at: float) -> dict[str, Any]:
         "drained": drained,
         "drain_rounds": rounds,
         "drain_moved": moved,
+        "drain_moved_live": live,
         "drain_failed_moves": failed,
         "drain_s": time.monotonic() - began,
     }
@@ -235,7 +245,8 @@ async def run_once(
             "host_swap_tokens": args.host_swap_tokens,
             "token_scale": args.token_scale,
             "api_scale": args.api_scale,
-            "machine": machine_description(),
+            "model": config.model.name,
+            "machine": machine_description(config.model.name),
             **extra,
         }
     )
@@ -252,7 +263,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if row["migration"] == "drain":
             moves = (
                 f"drained={row.get('drained')} in {row.get('drain_s', 0):.1f} s, "
-                f"{row.get('drain_rounds')} rounds, {row.get('drain_moved')} moved"
+                f"{row.get('drain_rounds')} rounds, {row.get('drain_moved')} moved "
+                f"({row.get('drain_moved_live', 0)} live)"
             )
 
         def fmt(value: Any) -> str:
@@ -300,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    modes = ["off", "on", *(["drain"] if args.drain else [])]
     rows: list[dict[str, Any]] = []
     with redis_server(None) as redis_url, ray_serve(port, logical_cpus(base)):
 
@@ -323,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     redis_url=redis_url,
                     port=port,
                 )
-                for mode in modes:
+                for mode in args.modes:
                     started = time.monotonic()
                     live = with_migration(
                         config, "on" if mode == "on" else "off", args.policy_params, args.interval_s

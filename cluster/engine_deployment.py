@@ -40,7 +40,7 @@ from typing import Any
 from cluster.logs import adopt_into_serve_log, serve_logger
 from cluster.metrics import EngineMetrics
 from cluster.serve_env import freeze_startup_heap
-from policies import PausedSession
+from policies import HeldSession
 from workers.async_engine import AsyncMarsEngine, TurnFeed
 from workers.engine import EngineConfig, SessionInfo
 from workers.kv_transport import ParkedState, RunningKv, SessionKv
@@ -330,20 +330,20 @@ class EngineInstance:
     async def drain(self) -> dict[str, Any]:
         """Stop taking new sessions (placement sees it at its next load
         refresh; the sessions held here still resume here until they move)
-        and return what must move: `paused` (session id, KV tokens) and the
-        turns `running`."""
+        and return what must move: the sessions `paused` here, those whose
+        turn runs here (`live`), and how many turns run (`running`)."""
         engine = await self._ready()
         if self._accepting:
             logger.info("instance=%s draining: no new sessions", self.instance_id)
         self._accepting = False
-        paused, running = await engine.call(lambda e: e.held_sessions())
-        return {"paused": paused, "running": running}
+        paused, live, running = await engine.call(lambda e: e.held_sessions())
+        return {"paused": paused, "live": live, "running": running}
 
-    async def paused_sessions(self) -> list[PausedSession]:
+    async def paused_sessions(self) -> list[HeldSession]:
         """The sessions paused here, as a migration policy weighs them
         (`MarsEngine.held_sessions`)."""
         engine = await self._ready()
-        paused, _ = await engine.call(lambda e: e.held_sessions())
+        paused, _, _ = await engine.call(lambda e: e.held_sessions())
         return paused
 
     async def undrain(self) -> None:

@@ -50,13 +50,14 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 from vllm.exceptions import VLLMError
 
 from cluster import sse
+from cluster.drain import DRAIN, drain_instance
 from cluster.engine_feed import EngineFeed
 from cluster.errors import ApiError, unavailable
 from cluster.frontend import EngineUnavailable, FrontendSettings, build_frontend
 from cluster.live_migration import move_running_turn
 from cluster.logs import serve_logger
 from cluster.metrics import IngressMetrics, TurnTiming
-from cluster.migration import DRAIN, MigrationOutcome, drain_instance, migrate_paused_session
+from cluster.migration import MigrationOutcome, migrate_paused_session
 from cluster.placement import InIngress, ViaScheduler
 from cluster.protocol import MarsExtension, MigrateSessionRequest, unsupported_fields
 from cluster.serve_env import freeze_startup_heap

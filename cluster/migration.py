@@ -26,14 +26,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.logs import serve_logger
 from cluster.session_lifecycle import SessionConflict, SessionEvent, SessionState
 from cluster.state_store import SessionRecord, StateStore, UnknownSession
-from policies import InstanceLoad, MigrationPolicy, drain_plan
+from policies import InstanceLoad, MigrationPolicy
 
 logger = serve_logger(__name__)
 
@@ -41,9 +41,6 @@ MIGRATION_STEP_TIMEOUT_S = 60.0
 """The longest one remote step of a move (export and import together, a
 release) may take: a session's KV is at most `max_model_len` tokens."""
 
-
-DRAIN = "drain"
-"""The reason of the moves a drain makes."""
 
 RELOCATION = "relocation"
 """The reason of the moves the global scheduler's migration policy makes."""
@@ -160,82 +157,6 @@ async def migrate_paused_session(
         return done(MigrationOutcome.ABORTED_CONFLICT, str(exc))
     release(engines[source], session_id, f"migrated to {destination}")
     return done(MigrationOutcome.COMMITTED, **imported)
-
-
-@dataclass(frozen=True)
-class DrainRound:
-    """One round of a drain (`POST /v1/instances/{id}/drain` returns it)."""
-
-    instance_id: str
-    migrations: list[Migration] = field(default_factory=list)
-    released: list[str] = field(default_factory=list)
-    """Sessions the instance held whose record is elsewhere or gone (a move
-    whose release had not reached it, an expired session): their KV is
-    dropped, nothing to move."""
-    running_turns: int = 0
-    """Turns running at the round's start: their sessions pause here, for
-    the next round."""
-
-    @property
-    def drained(self) -> bool:
-        """Nothing left here: no turn ran and every session moved."""
-        committed = all(m.outcome is MigrationOutcome.COMMITTED for m in self.migrations)
-        return self.running_turns == 0 and committed
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "instance_id": self.instance_id,
-            "accepting": False,
-            "drained": self.drained,
-            "running_turns": self.running_turns,
-            "migrations": [m.as_json() for m in self.migrations],
-            "released": self.released,
-        }
-
-
-async def drain_instance(
-    instance_id: str,
-    store: StateStore,
-    engines: Mapping[str, Any],
-    loads: Callable[[], Awaitable[Sequence[InstanceLoad]]],
-    *,
-    timeout_s: float = MIGRATION_STEP_TIMEOUT_S,
-) -> DrainRound:
-    """One round of draining `instance_id`: it stops taking new sessions,
-    and each session paused on it moves where `policies.drain_plan` says,
-    one after the other. Rounds are idempotent: repeat until `drained`
-    (turns that ran during a round pause here and move at the next).
-    Raises `NoInstanceAvailable` when no other instance takes sessions."""
-    engine = engines[instance_id]
-    held = await asyncio.wait_for(engine.drain.remote(), timeout_s)
-    plan = drain_plan(instance_id, held["paused"], await loads())
-    migrations, released = [], []
-    for session_id, destination in plan:
-        try:
-            record = await asyncio.to_thread(store.get_session, session_id)
-        except UnknownSession:
-            record = None
-        if record is None or record.instance_id != instance_id:
-            elsewhere = "no record" if record is None else f"its record is on {record.instance_id}"
-            release(engine, session_id, f"drain: {elsewhere}")
-            released.append(session_id)
-            continue
-        migrations.append(
-            await migrate_paused_session(
-                record, destination, store, engines, reason=DRAIN, timeout_s=timeout_s
-            )
-        )
-    drain = DrainRound(instance_id, migrations, released, held["running"])
-    logger.info(
-        "drain round instance=%s moved=%d failed=%d released=%d running_turns=%d drained=%s",
-        instance_id,
-        sum(m.outcome is MigrationOutcome.COMMITTED for m in migrations),
-        sum(m.outcome is not MigrationOutcome.COMMITTED for m in migrations),
-        len(released),
-        drain.running_turns,
-        drain.drained,
-    )
-    return drain
 
 
 async def relocation_round(

@@ -30,9 +30,9 @@ from policies.engine_policy import (
 )
 from policies.memory import memory_over_time, memory_over_time_columns
 from policies.migration import (
+    HeldSession,
     MigrationPolicy,
     Move,
-    PausedSession,
     RelocatePaused,
     committed_freeness,
     drain_plan,
@@ -62,11 +62,11 @@ __all__ = [
     "DispatchRequest",
     "DispatchState",
     "EnginePolicy",
+    "HeldSession",
     "InstanceLoad",
     "MigrationPolicy",
     "Move",
     "NoInstanceAvailable",
-    "PausedSession",
     "PrefixIndex",
     "PricedRows",
     "RelocatePaused",

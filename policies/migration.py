@@ -32,15 +32,16 @@ from policies.registry import PolicyRegistry
 
 
 @dataclass(frozen=True)
-class PausedSession:
-    """A session an instance holds while it waits on its client."""
+class HeldSession:
+    """A session an instance holds: paused on its client, or with a turn
+    running there (which a drain moves live)."""
 
     session_id: str
     kv_blocks: int
     """Blocks its KV needs wherever it goes (held, swapped or to recompute)."""
     returns_in_s: float | None = None
     """Seconds until its tool call is predicted to return (0: due now);
-    None when the engine has no prediction."""
+    None when the engine has no prediction, or the session is running."""
     on_device: bool = False
     """Its KV is preserved in the instance's device blocks (counted out of
     `free_blocks`), not swapped out or discarded (counted in
@@ -62,7 +63,7 @@ class PausedSession:
 
 
 def drain_plan(
-    source: str, sessions: Sequence[PausedSession], loads: Sequence[InstanceLoad]
+    source: str, sessions: Sequence[HeldSession], loads: Sequence[InstanceLoad]
 ) -> list[tuple[str, str]]:
     """`(session_id, destination)` for each of `sessions`, held by `source`;
     see the module docstring. Raises `NoInstanceAvailable` when no other
@@ -110,7 +111,7 @@ class MigrationPolicy(ABC):
 
     @abstractmethod
     def plan(
-        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[PausedSession]]
+        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[HeldSession]]
     ) -> list[Move]:
         """The moves of this round, in order. `loads` is the latest load of
         every instance; `paused` the sessions each instance holds paused.
@@ -193,7 +194,7 @@ class RelocatePaused(MigrationPolicy):
             raise ValueError(f"max_moves must be an int >= 1, got {self.max_moves!r}")
 
     def plan(
-        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[PausedSession]]
+        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[HeldSession]]
     ) -> list[Move]:
         current = {load.instance_id: load for load in loads if load.healthy}
         moves: list[Move] = []
@@ -232,7 +233,7 @@ class RelocatePaused(MigrationPolicy):
         return moves
 
 
-def _without(load: InstanceLoad, session: PausedSession) -> InstanceLoad:
+def _without(load: InstanceLoad, session: HeldSession) -> InstanceLoad:
     """`load` once `session` left it: its device blocks free again, or its
     released blocks no longer owed. (At its destination it is a host copy,
     one more session's released blocks.)"""

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policies import CostModel, PausedSession, Strategy
+from policies import CostModel, HeldSession, Strategy
 from workers import vllm_hooks
 from workers.hints import SegmentHints
 from workers.kv_connector import RECORD_DIGESTS_KEY
@@ -289,11 +289,18 @@ class MarsEngine:
             self._remember_ended(session_id)
 
     # ----------------------------------------------------------- migration
-    def held_sessions(self) -> tuple[list[PausedSession], int]:
+    def held_sessions(self) -> tuple[list[HeldSession], list[HeldSession], int]:
         """What a migration policy or a drain may move off this engine: each
-        paused session (`MarsScheduler.paused_sessions`), and how many turns
-        run now (their sessions pause here when they end)."""
-        return self.scheduler.paused_sessions(time.monotonic()), len(self._live)
+        paused session (`MarsScheduler.paused_sessions`), each session with
+        a turn running (its context's blocks), and how many turns run now
+        (sessionless ones included)."""
+        size = self.config.block_size
+        live = [
+            HeldSession(session_id, -(-self.scheduler.requests[engine_id].num_tokens // size))
+            for session_id, request_id in self._live_sessions.items()
+            if (engine_id := self._live[request_id].engine_request_id) in self.scheduler.requests
+        ]
+        return self.scheduler.paused_sessions(time.monotonic()), live, len(self._live)
 
     def export_session(self, session_id: str) -> SessionKv:
         """A paused session's KV and predictions, for another engine

@@ -41,7 +41,7 @@ from policies import (
     BatchView,
     CostModel,
     DecodeLengthPredictor,
-    PausedSession,
+    HeldSession,
     PricedRows,
     RequestColumns,
     RequestView,
@@ -439,7 +439,7 @@ class MarsScheduler(Scheduler):
         )
         record.move(Phase.PAUSED, now, "migrated in", strategy=strategy)
 
-    def paused_sessions(self, now: float) -> list[PausedSession]:
+    def paused_sessions(self, now: float) -> list[HeldSession]:
         """Each session paused here (at `now`, monotonic), as a migration
         policy sees it: its KV's blocks, whether they are held on the
         device, and when its tool call is predicted to return."""
@@ -452,7 +452,7 @@ class MarsScheduler(Scheduler):
             if record.predicted_api_s is not None:
                 returns_in_s = remaining_call_s(record.predicted_api_s, now - record.paused_at_s)
             paused.append(
-                PausedSession(
+                HeldSession(
                     key,
                     self._blocks_for(park.computed_tokens),
                     returns_in_s=returns_in_s,

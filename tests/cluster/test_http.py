@@ -297,6 +297,29 @@ def test_two_moves_of_one_turn_at_once_make_one_move(server: str, client) -> Non
     assert usage.completion_tokens == 400 and len(mars["moves"]) == 1, mars
 
 
+def test_a_drain_moves_a_streaming_turn_live(server: str, client) -> None:
+    history = [{"role": "user", "content": "drain me while I talk"}]
+    first = _ask(client, "live-drained", history, max_tokens=4)
+    source = first.model_extra["mars"]["instance_id"]
+    (other,) = {"default-0", "default-1"} - {source}
+    history += [first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "user", "content": "keep talking"}]
+    chunks = iter(_ask(client, "live-drained", history, **LONG))
+    head = next(chunks)
+    try:
+        status, drain = _post(f"{server}/v1/instances/{source}/drain", {})
+        assert status == 200, drain
+        (live,) = [m for m in drain["migrations"] if m["session_id"] == "live-drained"]
+        assert live["live"] and live["outcome"] == "committed" and live["destination"] == other
+        _, mars, usage = _stream_text([head, *chunks])
+        assert usage.completion_tokens == 400 and mars["instance_id"] == other, mars
+        assert mars["moves"][0]["from"] == source
+    finally:
+        status, _ = _delete(f"{server}/v1/instances/{source}/drain")
+        assert status == 200
+    _wait_for_ready(server, lambda body: body["draining"] == [])
+
+
 def test_a_turn_whose_sampler_state_cannot_travel_is_not_moved(server: str, client) -> None:
     history = [{"role": "user", "content": "stop me if you can"}]
     chunks = iter(_ask(client, "live-refused", history, stop=["never appears"], **LONG))

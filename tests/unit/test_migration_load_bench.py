@@ -29,7 +29,16 @@ def test_the_verdict_compares_on_with_off_seed_by_seed() -> None:
         _row(0, "on", 8.0, relocations={"committed": 3}),
         _row(1, "off", 10.0),
         _row(1, "on", 12.0),
-        _row(1, "drain", 11.0, drained=True, drain_s=2.5, drain_rounds=3, drain_moved=4),
+        _row(
+            1,
+            "drain",
+            11.0,
+            drained=True,
+            drain_s=2.5,
+            drain_rounds=3,
+            drain_moved=4,
+            drain_moved_live=1,
+        ),
         _row(2, "off", None),  # a run with no completed session has no ratio
         _row(2, "on", 9.0),
     ]
@@ -38,7 +47,7 @@ def test_the_verdict_compares_on_with_off_seed_by_seed() -> None:
     assert verdict.endswith("lower with migration in 1 of 2 seeds")
     table = format_table(rows)
     assert "{'committed': 3}" in table
-    assert "drained=True in 2.5 s, 3 rounds, 4 moved" in table
+    assert "drained=True in 2.5 s, 3 rounds, 4 moved (1 live)" in table
     assert " - " in table  # the run without a P99
 
 
@@ -60,6 +69,7 @@ def test_the_policy_is_set_only_when_on() -> None:
         (["--load", "0"], "--load must be > 0"),
         (["--policy-params", "{"], "--policy-params: not JSON"),
         (["--policy-params", "[1]"], "--policy-params must be a JSON object"),
+        (["--modes", "sideways"], "--modes: invalid choice"),
     ],
 )
 def test_bad_arguments_are_named(argv: list[str], message: str, capsys) -> None:

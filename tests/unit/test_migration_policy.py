@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from policies import (
+    HeldSession,
     InstanceLoad,
     Move,
     NoInstanceAvailable,
-    PausedSession,
     committed_freeness,
     drain_plan,
     make_dispatch_policy,
@@ -33,7 +33,7 @@ def _load(instance_id: str, free: int, **kw) -> InstanceLoad:
 
 def test_a_drain_spreads_its_sessions_largest_first_over_the_freest_instances() -> None:
     loads = [_load("a", 10), _load("b", 60), _load("c", 50)]
-    sessions = [PausedSession("small", 5), PausedSession("big", 30), PausedSession("mid", 20)]
+    sessions = [HeldSession("small", 5), HeldSession("big", 30), HeldSession("mid", 20)]
     # big -> b (60 free, then 30); mid -> c (50, then 30); small -> b/c tie at 30: b (by id)
     assert drain_plan("a", sessions, loads) == [("big", "b"), ("mid", "c"), ("small", "b")]
 
@@ -41,16 +41,16 @@ def test_a_drain_spreads_its_sessions_largest_first_over_the_freest_instances() 
 def test_a_drain_skips_unhealthy_and_draining_instances_and_says_when_none_is_left() -> None:
     loads = [_load("a", 10), _load("b", 90, healthy=False), _load("c", 80, accepting=False)]
     with pytest.raises(NoInstanceAvailable, match="no other healthy instance to drain 'a'"):
-        drain_plan("a", [PausedSession("s", 1)], loads)
-    assert drain_plan("a", [PausedSession("s", 1)], [*loads, _load("d", 1)]) == [("s", "d")]
+        drain_plan("a", [HeldSession("s", 1)], loads)
+    assert drain_plan("a", [HeldSession("s", 1)], [*loads, _load("d", 1)]) == [("s", "d")]
     assert drain_plan("a", [], loads) == []
 
 
 def test_paused_sessions_are_checked() -> None:
     with pytest.raises(ValueError, match="kv_blocks"):
-        PausedSession("s", -1)
+        HeldSession("s", -1)
     with pytest.raises(ValueError, match="session_id"):
-        PausedSession("", 1)
+        HeldSession("", 1)
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "least_load", "session_affinity", "mars_aware"])
@@ -78,12 +78,12 @@ def test_an_instance_under_pressure_sheds_its_paused_sessions_soonest_to_return_
     ]
     paused = {
         "a": [
-            PausedSession("late", 10, returns_in_s=30.0, on_device=True),
-            PausedSession("soon", 10, returns_in_s=2.0, on_device=True),
-            PausedSession("racing", 10, returns_in_s=0.1, on_device=True),
-            PausedSession("unknown", 10, returns_in_s=None),
+            HeldSession("late", 10, returns_in_s=30.0, on_device=True),
+            HeldSession("soon", 10, returns_in_s=2.0, on_device=True),
+            HeldSession("racing", 10, returns_in_s=0.1, on_device=True),
+            HeldSession("unknown", 10, returns_in_s=None),
         ],
-        "b": [PausedSession("stays", 10, returns_in_s=5.0)],
+        "b": [HeldSession("stays", 10, returns_in_s=5.0)],
     }
     moves = _relocate(max_moves=2).plan(loads, paused)
     # "racing" returns before a move would land; the next two by return time
@@ -96,7 +96,7 @@ def test_an_instance_under_pressure_sheds_its_paused_sessions_soonest_to_return_
 
 
 def test_nothing_moves_without_pressure_or_without_room_elsewhere() -> None:
-    session = {"a": [PausedSession("s", 10, returns_in_s=9.0)]}
+    session = {"a": [HeldSession("s", 10, returns_in_s=9.0)]}
     calm = [_load("a", 50), _load("b", 90)]
     assert _relocate().plan(calm, session) == []  # a's freeness 50 is not below 0
     assert _relocate(source_below=60).plan(calm, session) == [Move("s", "a", "b")]
@@ -112,7 +112,7 @@ def test_nothing_moves_without_pressure_or_without_room_elsewhere() -> None:
 def test_moves_are_charged_so_that_one_round_spreads_them() -> None:
     # a's three swapped-out sessions owe 30 blocks it does not have
     loads = [_load("a", 0, paused_released_blocks=30), _load("b", 40), _load("c", 35)]
-    paused = {"a": [PausedSession(f"s{i}", 10, returns_in_s=float(i + 1)) for i in range(3)]}
+    paused = {"a": [HeldSession(f"s{i}", 10, returns_in_s=float(i + 1)) for i in range(3)]}
     assert committed_freeness(loads[0]) == -30
     # s0 -> b (b: 40 -> 30, a: -20), s1 -> c (c: 35 -> 25, a: -10), s2 -> b (a: 0)
     everything = [Move("s0", "a", "b"), Move("s1", "a", "c"), Move("s2", "a", "b")]
@@ -136,4 +136,4 @@ def test_relocation_parameters_are_checked_by_name() -> None:
     with pytest.raises(ValueError, match="unknown migration policy 'llumnix'"):
         make_migration_policy("llumnix")
     with pytest.raises(ValueError, match="returns_in_s"):
-        PausedSession("s", 1, returns_in_s=-1.0)
+        HeldSession("s", 1, returns_in_s=-1.0)
