@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from itertools import zip_longest
@@ -169,11 +170,15 @@ async def drain_when(url: str, start_at: float) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     began = time.monotonic()
     rounds, moved, live, failed = 0, 0, 0, 0
-    drained = False
+    drained, error = False, None
     while not drained and time.monotonic() - began < DRAIN_DEADLINE_S:
-        body = await asyncio.to_thread(
-            _post, f"{url}/v1/instances/{DRAINED}/drain", DRAIN_ROUND_TIMEOUT_S
-        )
+        try:
+            body = await asyncio.to_thread(
+                _post, f"{url}/v1/instances/{DRAINED}/drain", DRAIN_ROUND_TIMEOUT_S
+            )
+        except urllib.error.HTTPError as exc:
+            error = f"round {rounds + 1}: HTTP {exc.code}: {exc.read().decode()[:300]}"
+            break
         rounds += 1
         outcomes = [m["outcome"] for m in body["migrations"]]
         moved += outcomes.count("committed")
@@ -189,6 +194,7 @@ async def drain_when(url: str, start_at: float) -> dict[str, Any]:
         "drain_moved_live": live,
         "drain_failed_moves": failed,
         "drain_s": time.monotonic() - began,
+        "drain_error": error,
     }
 
 

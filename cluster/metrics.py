@@ -174,8 +174,11 @@ class MigrationMetrics:
         )
         if migration.outcome.value == "committed":
             self._migration_s.observe(migration.seconds, {"reason": reason})
-            self._migrated_bytes.inc(migration.kv_bytes, {"reason": reason})
-            if migration.live:
+            # Ray's counters refuse an increment of 0 (a move that carried no
+            # KV: its source had discarded it, or a turn not yet prefilled).
+            if migration.kv_bytes > 0:
+                self._migrated_bytes.inc(migration.kv_bytes, {"reason": reason})
+            if migration.live and migration.stages > 0:
                 self._stages.inc(migration.stages, {"reason": reason})
                 if migration.stopped_s is not None:
                     self._stopped_s.observe(migration.stopped_s, {"reason": reason})

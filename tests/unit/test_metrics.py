@@ -167,3 +167,26 @@ def test_serve_logger_lands_in_ray_serve_logs() -> None:
     logger = serve_logger("cluster.ingress")
     assert logger.name == "ray.serve.cluster.ingress"
     assert logger.parent is logging.getLogger("ray.serve")
+
+
+def test_a_move_that_carried_no_kv_is_counted_without_a_zero_increment() -> None:
+    """Ray's counters raise on an increment of 0: a committed move with no
+    KV (discarded at its source) once turned a whole drain round into an
+    HTTP 400."""
+    from unittest import mock
+
+    from cluster import metrics
+    from cluster.migration import Migration, MigrationOutcome
+
+    def counter(name: str, **_: object) -> mock.Mock:
+        def inc(value: float = 1.0, tags: dict | None = None) -> None:
+            if value <= 0:
+                raise ValueError(f"value must be >0, got {value}")  # as Ray's Counter.inc
+
+        return mock.Mock(inc=mock.Mock(side_effect=inc))
+
+    with mock.patch.multiple(metrics, Counter=counter, Histogram=mock.Mock()):
+        recorder = metrics.MigrationMetrics()
+    for live in (False, True):
+        moved = Migration("s", "a", "b", MigrationOutcome.COMMITTED, live=live, stopped_s=0.1)
+        recorder.observe(moved, "drain")
