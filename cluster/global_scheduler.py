@@ -110,13 +110,13 @@ class GlobalScheduler:
             try:
                 placer = await self._view.ready()
                 migrations = await relocation_round(policy, placer.loads, store, self._engines)
-            except Exception:
+                for migration in migrations:
+                    self._relocated[migration.outcome.value] += 1
+                    if metrics is not None:
+                        metrics.observe(migration, RELOCATION)
+            except Exception:  # the next round is tried: the loop must outlive any one
                 logger.warning("relocation round failed", exc_info=True)
                 continue
-            for migration in migrations:
-                self._relocated[migration.outcome.value] += 1
-                if metrics is not None:
-                    metrics.observe(migration, RELOCATION)
             if any(m.outcome is MigrationOutcome.COMMITTED for m in migrations):
                 self._view.refresh_soon()
 
