@@ -58,6 +58,8 @@ class GlobalScheduler:
         self._view = LoadView(self.placer, self._fetch_loads, source="the engines")
         self._relocation: asyncio.Task[None] | None = None
         self._relocated: Counter[str] = Counter()
+        self._moved_at: dict[str, float] = {}
+        """When the policy last moved each session (`relocation_round`)."""
         if migration is not None and migration["policy"] is not None:
             if state_store is None or state_store.get("url") is None:
                 raise ValueError("a migration policy needs state_store.url (Redis)")
@@ -109,7 +111,9 @@ class GlobalScheduler:
             await asyncio.sleep(interval_s)
             try:
                 placer = await self._view.ready()
-                migrations = await relocation_round(policy, placer.loads, store, self._engines)
+                migrations = await relocation_round(
+                    policy, placer.loads, store, self._engines, moved_at=self._moved_at
+                )
                 for migration in migrations:
                     self._relocated[migration.outcome.value] += 1
                     if metrics is not None:

@@ -46,6 +46,8 @@ class HeldSession:
     """Its KV is preserved in the instance's device blocks (counted out of
     `free_blocks`), not swapped out or discarded (counted in
     `paused_released_blocks`)."""
+    moved_s_ago: float | None = None
+    """Seconds since a migration policy last moved it (None: never)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.session_id, str) or not self.session_id:
@@ -54,12 +56,12 @@ class HeldSession:
             raise ValueError(f"kv_blocks must be an int >= 0, got {self.kv_blocks!r}")
         if self.kv_blocks < 0:
             raise ValueError(f"kv_blocks must be an int >= 0, got {self.kv_blocks!r}")
-        if self.returns_in_s is not None and not (
-            isinstance(self.returns_in_s, (int, float)) and 0 <= self.returns_in_s < math.inf
-        ):
-            raise ValueError(
-                f"returns_in_s must be a finite number >= 0 or None, got {self.returns_in_s!r}"
-            )
+        for name in ("returns_in_s", "moved_s_ago"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and 0 <= value < math.inf
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
 
 
 def drain_plan(
@@ -169,6 +171,8 @@ class RelocatePaused(MigrationPolicy):
     both: the session's blocks leave the source's commitments and join the
     destination's), and at most `max_moves` a round. A session predicted to
     return within `min_return_s` stays: its next turn would race the move.
+    A session this policy moved less than `settle_s` ago stays too: the
+    loads lag the moves, and without it a session can go back and forth.
     """
 
     name: ClassVar[str] = "relocate_paused"
@@ -176,9 +180,10 @@ class RelocatePaused(MigrationPolicy):
     min_gap: float = 4.0
     max_moves: int = 4
     min_return_s: float = 0.5
+    settle_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for field in ("source_below", "min_gap", "min_return_s"):
+        for field in ("source_below", "min_gap", "min_return_s", "settle_s"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{field} must be a number, got {value!r}")
@@ -186,8 +191,9 @@ class RelocatePaused(MigrationPolicy):
                 raise ValueError(f"{field} must be finite, got {value!r}")
         if self.min_gap < 0:
             raise ValueError(f"min_gap must be >= 0, got {self.min_gap!r}")
-        if self.min_return_s < 0:
-            raise ValueError(f"min_return_s must be >= 0, got {self.min_return_s!r}")
+        for field in ("min_return_s", "settle_s"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)!r}")
         if isinstance(self.max_moves, bool) or not isinstance(self.max_moves, int):
             raise ValueError(f"max_moves must be an int >= 1, got {self.max_moves!r}")
         if self.max_moves < 1:
@@ -204,7 +210,8 @@ class RelocatePaused(MigrationPolicy):
             movable = [
                 s
                 for s in paused.get(source, ())
-                if s.returns_in_s is None or s.returns_in_s >= self.min_return_s
+                if (s.returns_in_s is None or s.returns_in_s >= self.min_return_s)
+                and (s.moved_s_ago is None or s.moved_s_ago >= self.settle_s)
             ]
             movable.sort(
                 key=lambda s: (math.inf if s.returns_in_s is None else s.returns_in_s, s.session_id)

@@ -137,3 +137,16 @@ def test_relocation_parameters_are_checked_by_name() -> None:
         make_migration_policy("llumnix")
     with pytest.raises(ValueError, match="returns_in_s"):
         HeldSession("s", 1, returns_in_s=-1.0)
+
+
+def test_a_session_just_moved_stays_put_until_it_settles() -> None:
+    """The loads lag the moves: without a wait, the next round can find the
+    destination the fuller one and send the session back."""
+    loads = [_load("a", 0, paused_released_blocks=20), _load("b", 80)]
+    paused = {"a": [HeldSession("back", 10, returns_in_s=30.0, moved_s_ago=2.0)]}
+    assert _relocate().plan(loads, paused) == []
+    assert _relocate(settle_s=1.0).plan(loads, paused) == [Move("back", "a", "b")]
+    with pytest.raises(ValueError, match="settle_s"):
+        _relocate(settle_s=-1)
+    with pytest.raises(ValueError, match="moved_s_ago"):
+        HeldSession("s", 1, moved_s_ago=float("inf"))
