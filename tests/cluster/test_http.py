@@ -14,6 +14,7 @@ import pytest
 
 from cluster.ports import free_port
 from cluster.turn import TURN_PHASES
+from tests.cluster.serving import serve_app
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -22,11 +23,6 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, redis_url: str, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from cluster.app import build_app
-
     port = free_port()
     config = tmp_path_factory.mktemp("serve") / "app.yaml"
     config.write_text(
@@ -41,12 +37,8 @@ tools: [{{name: calc, kind: calculator}}]
 http: {{port: {port}, ingress_replicas: 2}}
 """
     )
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config": str(config)}), name="mars", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(config, port, num_cpus=8) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

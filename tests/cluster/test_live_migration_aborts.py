@@ -6,13 +6,12 @@ holding anything of the move."""
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cluster.ports import free_port
+from tests.cluster.serving import call, serve_app
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -22,11 +21,6 @@ ROOMY, TIGHT = "roomy-0", "tight-0"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, redis_url: str, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from cluster.app import build_app
-
     port = free_port()
     config = tmp_path_factory.mktemp("serve") / "app.yaml"
     config.write_text(
@@ -41,28 +35,12 @@ state_store: {{url: "{redis_url}", session_ttl_s: 600}}
 http: {{port: {port}}}
 """
     )
-    ray.init(num_cpus=6, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config": str(config)}), name="mars", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _call(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    with serve_app(config, port, num_cpus=6) as url:
+        yield url
 
 
 def _loads(server: str) -> dict[str, dict]:
-    return {i["instance_id"]: i for i in _call("GET", f"{server}/v1/instances")[1]["instances"]}
+    return {i["instance_id"]: i for i in call("GET", f"{server}/v1/instances")[1]["instances"]}
 
 
 def test_a_destination_without_room_hands_the_turn_back_to_its_source(server: str) -> None:
@@ -83,7 +61,7 @@ def test_a_destination_without_room_hands_the_turn_back_to_its_source(server: st
     chunks = iter(stream)
     head = [next(chunks) for _ in range(20)]  # past the 32 tokens the destination takes
     tight_before = _loads(server)[TIGHT]
-    status, body = _call("POST", f"{server}/v1/sessions/stuck/migrate", {"instance_id": TIGHT})
+    status, body = call("POST", f"{server}/v1/sessions/stuck/migrate", {"instance_id": TIGHT})
     assert status == 503, body
     message = body["error"]["message"]
     assert "host space" in message and "the source continues the turn" in message, body
@@ -103,5 +81,5 @@ def test_a_destination_without_room_hands_the_turn_back_to_its_source(server: st
     tight_after = _loads(server)[TIGHT]
     assert tight_after["free_blocks"] == tight_before["free_blocks"], (tight_before, tight_after)
     assert tight_after["paused_swapped_sessions"] == 0 == tight_after["paused_preserved_sessions"]
-    record = _call("GET", f"{server}/v1/sessions/stuck")[1]
+    record = call("GET", f"{server}/v1/sessions/stuck")[1]
     assert record["instance_id"] == ROOMY and record["state"] == "paused", record

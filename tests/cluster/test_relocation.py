@@ -4,14 +4,13 @@ a paused session off the instance that holds too much."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cluster.ports import free_port
+from tests.cluster.serving import call, serve_app
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -26,11 +25,6 @@ free of what it holds and owes: with two sessions of 3 to 5 blocks each
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, redis_url: str, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from cluster.app import build_app
-
     port = free_port()
     config = tmp_path_factory.mktemp("serve") / "app.yaml"
     config.write_text(
@@ -47,28 +41,12 @@ state_store: {{url: "{redis_url}", session_ttl_s: 600}}
 http: {{port: {port}}}
 """
     )
-    ray.init(num_cpus=6, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config": str(config)}), name="mars", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _call(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    with serve_app(config, port, num_cpus=6) as url:
+        yield url
 
 
 def _turn(server: str, session: str, messages: list[dict]) -> dict:
-    status, body = _call(
+    status, body = call(
         "POST",
         f"{server}/v1/chat/completions",
         {
@@ -96,12 +74,12 @@ def _wait_until(what: str, check, timeout_s: float = 60.0):
 
 
 def _ready(server: str) -> dict:
-    return _call("GET", f"{server}/ready")[1]
+    return call("GET", f"{server}/ready")[1]
 
 
 def test_a_paused_session_moves_off_the_instance_that_holds_too_much(server: str) -> None:
     # Both sessions on one instance: the other takes nothing new while it drains.
-    status, _ = _call("POST", f"{server}/v1/instances/default-1/drain", {})
+    status, _ = call("POST", f"{server}/v1/instances/default-1/drain", {})
     assert status == 200
     _wait_until("default-1 draining", lambda: _ready(server)["draining"] == ["default-1"])
     words = " ".join(f"item{i}" for i in range(15))
@@ -114,11 +92,11 @@ def test_a_paused_session_moves_off_the_instance_that_holds_too_much(server: str
         assert 65 <= context <= 160, f"the test needs 3 to 5 blocks a session, got {context}"
     # Room again on default-1: the policy moves one session there, not both
     # (the second would leave default-1 the fuller one).
-    status, _ = _call("DELETE", f"{server}/v1/instances/default-1/drain")
+    status, _ = call("DELETE", f"{server}/v1/instances/default-1/drain")
     assert status == 200
 
     def placed() -> dict[str, str]:
-        return {s: _call("GET", f"{server}/v1/sessions/{s}")[1]["instance_id"] for s in firsts}
+        return {s: call("GET", f"{server}/v1/sessions/{s}")[1]["instance_id"] for s in firsts}
 
     where = _wait_until(
         "a session moved to default-1", lambda: (w := placed()) and "default-1" in w.values() and w

@@ -1,0 +1,43 @@
+"""A mars-serve application on a real local Ray cluster, for the cluster
+tests: started from a serving YAML, called over HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def serve_app(config: Path, port: int, num_cpus: int) -> Iterator[str]:
+    """Ray, Ray Serve on `port`, and the application of the serving YAML
+    `config`; its URL while the block runs, everything shut down after."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(config)}), name="mars", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def call(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
+    """One JSON call: its status and body (an error's too)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
