@@ -9,8 +9,10 @@ first to the second while it decodes:
 
 - ``migrate``: up to `--stages` copies of the request's finished blocks
   while it keeps decoding on the source, each copying the blocks written
-  since the last; then the request stops, its last blocks are copied, and
-  the destination continues it, loading all of its KV;
+  since the last, which the destination writes into device blocks as they
+  come; then the request stops, its last blocks are copied, and the
+  destination continues it, finding the early stages in its prefix cache
+  and loading the last one;
 - ``blocking_copy``: the request stops at once, all its KV is copied, and
   the destination continues it;
 - ``recompute``: the request stops and the destination continues it from
@@ -27,8 +29,9 @@ the issue's two goals go to ``..._summary.json`` beside it.
     python -m bench.migration_downtime
     python -m bench.migration_downtime --model models/smollm2 --contexts 256,1024,2048,4096
 
-What this is not yet: the serving path (a client's stream going on over the
-same connection, the session record, the state machine with its aborts).
+The serving path's live moves (`cluster.live_migration`) make the same
+engine calls; this measures the engines alone, without Ray Serve's hops,
+the session record or the client's stream.
 """
 
 from __future__ import annotations
@@ -222,9 +225,11 @@ async def move_once(
     if remaining < 1:
         raise RuntimeError(f"{tag}: the request finished on the source before the move")
     continuation = f"{tag}-dst"
+    written = 0
     if copy:
         state = ParkedState(None, None, 0.0, remaining, 0, 1)
-        await destination.call.remote(lambda e: e.commit_incoming(tag, last, state))
+        committed = await destination.call.remote(lambda e: e.commit_incoming(tag, last, state))
+        written = committed["written_tokens"]
     committed_s = time.monotonic()
     session = tag if copy else None
     await destination.start.remote(_turn(continuation, list(last.token_ids), remaining, session))
@@ -243,6 +248,7 @@ async def move_once(
         "stages": sum(1 for stage in stages if stage.shards is not None),
         "bytes": sum(stage.nbytes for stage in stages),
         "last_stage_bytes": last.nbytes,
+        "written_ahead_tokens": written,
         "context_at_stop": last.computed_tokens,
         "tokens": generated + [t for _, t in moved],
         "source_gap_ms": _median_gap_ms(before),

@@ -224,7 +224,11 @@ async def move_running_turn(
     state = advance(state, LiveMoveEvent.STOPPED)
     state = advance(state, LiveMoveEvent.COMMITTED)
     stages += 1
-    moved = {"kv_tokens": committed["kv_tokens"], "kv_bytes": committed["kv_bytes"]}
+    moved = {
+        "kv_tokens": committed["kv_tokens"],
+        "kv_bytes": committed["kv_bytes"],
+        "written_ahead_tokens": committed["written_tokens"],
+    }
     try:
         await asyncio.wait_for(src.hand_over.remote(session_id, destination), timeout_s)
     except Exception as exc:

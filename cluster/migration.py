@@ -82,6 +82,11 @@ class Migration:
     """A running turn moved (`cluster.live_migration`), not a paused session."""
     stages: int = 0
     """Copies of a live move's KV (the last one after the stop)."""
+    written_ahead_tokens: int = 0
+    """Of `kv_tokens`, those the destination wrote into its device blocks
+    while the turn still decoded at the source (a live move's early
+    stages): its continuation finds them in the prefix cache instead of
+    loading them from host while stopped."""
     stopped_s: float | None = None
     """A live move's stop to its hand-over: the turn generated nothing then
     (the client's gap adds the continuation's start and its first token:
@@ -95,7 +100,7 @@ class Migration:
         stopped = "" if self.stopped_s is None else f" stopped_ms={1000 * self.stopped_s:.0f}"
         logger.info(
             "migration session=%s from=%s to=%s outcome=%s reason=%r live=%s stages=%d "
-            "kv_tokens=%d bytes=%d seconds=%.3f%s%s",
+            "kv_tokens=%d written_ahead=%d bytes=%d seconds=%.3f%s%s",
             self.session_id,
             self.source,
             self.destination,
@@ -104,6 +109,7 @@ class Migration:
             self.live,
             self.stages,
             self.kv_tokens,
+            self.written_ahead_tokens,
             self.kv_bytes,
             self.seconds,
             stopped,

@@ -38,7 +38,8 @@ from workers.kv_transport import (
     SessionKv,
     read_device_blocks,
     read_host_copy,
-    session_kv_from_stages,
+    stage_segments,
+    write_device_blocks,
     write_host_copy,
 )
 from workers.lifecycle import Phase, RequestRecord, TimelineEvent
@@ -186,6 +187,11 @@ class _Incoming:
 
     stages: list[RunningKv] = field(default_factory=list)
     touched_s: float = field(default_factory=time.monotonic)
+    written_blocks: int = 0
+    """Its first blocks, written into device blocks as they came (`stage_in`)."""
+    writing: bool = True
+    """False once a stage could not be written (no room, or it failed):
+    the rest stays on host, and the continuation loads it from there."""
 
 
 @dataclass
@@ -236,6 +242,10 @@ class MarsEngine:
         """Stages of requests moving here, by key (`stage_in`)."""
         if config.profile_costs and config.scheduler.cost is None:
             self.scheduler.set_cost_model(self.profile_costs())
+        else:
+            from workers.profiling import warm_up
+
+            warm_up(self)
 
     # --------------------------------------------------------------- turns
     def add_turn(self, turn: TurnRequest) -> None:
@@ -375,38 +385,82 @@ class MarsEngine:
         return stage
 
     def stage_in(self, key: str, stage: RunningKv, now: float | None = None) -> int:
-        """Hold one stage of a request moving here (host memory) until
-        `commit_incoming`: the stages copied while it still decodes on its
-        source travel before it stops, so that only the last one is on the
-        move's critical path. Returns the block the next stage starts at.
+        """Hold one stage of a request moving here until `commit_incoming`:
+        the stages copied while it still decodes on its source travel before
+        it stops, so that only the last one is on the move's critical path.
+        Each is also written into device blocks held for the move and
+        entered in the prefix cache, so that the continuation finds the
+        context there instead of loading it from host while stopped (Llumnix
+        pre-allocates on the destination likewise); a stage that finds no
+        room stays on host only. Returns the block the next stage starts at.
         Held under a lease (`drop_stale_incoming`): a move whose coordinator
-        vanished does not hold host memory for ever."""
+        vanished does not hold memory for ever."""
         incoming = self._incoming.setdefault(key, _Incoming())
         incoming.stages.append(stage)
         incoming.touched_s = time.monotonic() if now is None else now
+        self._write_stage(key, incoming, stage)
         return stage.first_block + stage.num_blocks
+
+    def _write_stage(self, key: str, incoming: _Incoming, stage: RunningKv) -> None:
+        if not incoming.writing or stage.shards is None or stage.num_blocks == 0:
+            return
+        block_ids = None
+        if stage.first_block == incoming.written_blocks:
+            block_ids = self.scheduler.hold_incoming(key, stage.num_blocks)
+        if block_ids is None:
+            incoming.writing = False
+            return
+        try:
+            self._llm.collective_rpc(write_device_blocks, args=(block_ids, stage.shards))
+        except Exception:
+            logger.exception("writing a stage of move %s into device blocks failed", key)
+            self.scheduler.release_incoming(key)
+            incoming.writing, incoming.written_blocks = False, 0
+            return
+        self.scheduler.cache_incoming(
+            key,
+            stage.token_ids,
+            vllm_hooks.request_block_hasher(self._core),
+            incoming.written_blocks,
+        )
+        incoming.written_blocks += stage.num_blocks
 
     def commit_incoming(
         self, key: str, last: RunningKv, state: ParkedState, session_id: str | None = None
     ) -> dict[str, Any]:
-        """The last stage of a moving request: park its whole KV here under
-        `session_id` (default: `key`; `import_session`), for the turn that
-        continues it. Returns the request's tokens at its stop (the
-        continuation's prompt), and the stages, tokens and bytes that came."""
+        """The last stage of a moving request: park its KV here under
+        `session_id` (default: `key`) for the turn that continues it, as a
+        host copy of every stage (kept in segments, not joined), of which
+        the continuation loads only what the prefix cache does not hold
+        (the blocks written as they came are released into it). Returns the
+        request's tokens at its stop (the continuation's prompt), the stages,
+        tokens and bytes that came, and the tokens whose KV was written into
+        device blocks before the stop (`written_tokens`). ValueError when the KV does not
+        fit (`import_session`); the device blocks are released either way."""
         incoming = self._incoming.pop(key, _Incoming())
         stages = [*incoming.stages, last]
-        kv = session_kv_from_stages(session_id or key, stages, self.config.block_size, state)
-        self.import_session(kv)
+        try:
+            self._adopt(
+                session_id or key,
+                last.token_ids[: last.computed_tokens],
+                stage_segments(stages),
+                state,
+            )
+        finally:
+            written = self.scheduler.release_incoming(key)
+        copied = [stage for stage in stages if stage.shards is not None]
         return {
             "token_ids": list(last.token_ids),
-            "stages": sum(1 for stage in stages if stage.shards is not None),
-            "kv_tokens": len(kv.token_ids) if kv.shards is not None else 0,
+            "stages": len(copied),
+            "kv_tokens": last.computed_tokens if copied else 0,
             "kv_bytes": sum(stage.nbytes for stage in stages),
+            "written_tokens": written * self.config.block_size,
         }
 
     def drop_incoming(self, key: str) -> None:
         """Forget the stages of a move that did not complete."""
         self._incoming.pop(key, None)
+        self.scheduler.release_incoming(key)
 
     def drop_stale_incoming(self, lease_s: float, now: float | None = None) -> list[str]:
         """Drop the stages of moves that got none for `lease_s` seconds (their
@@ -415,7 +469,7 @@ class MarsEngine:
         now = time.monotonic() if now is None else now
         stale = [key for key, held in self._incoming.items() if now - held.touched_s > lease_s]
         for key in stale:
-            del self._incoming[key]
+            self.drop_incoming(key)
         return stale
 
     def import_session(self, kv: SessionKv) -> None:
@@ -428,20 +482,36 @@ class MarsEngine:
                 f"the session's KV has block_size {kv.block_size}, this engine "
                 f"{self.config.block_size}"
             )
-        if kv.shards is not None and len(kv.shards) != self.config.tensor_parallel_size:
+        segments = None
+        if kv.shards is not None:
+            from workers.kv_connector import HostSegment
+
+            segments = [[HostSegment(0, shard)] for shard in kv.shards]
+        self._adopt(kv.session_id, kv.token_ids, segments, kv.state)
+
+    def _adopt(
+        self,
+        session_id: str,
+        token_ids: tuple[int, ...],
+        segments: list[list[Any]] | None,
+        state: ParkedState,
+    ) -> None:
+        """Park a session that came from another engine: its KV as a host
+        copy (`segments`, per worker rank) or, with none, to recompute."""
+        if segments is not None and len(segments) != self.config.tensor_parallel_size:
             raise ValueError(
-                f"the session's KV has {len(kv.shards)} shards, this engine "
+                f"the session's KV has {len(segments)} shards, this engine "
                 f"{self.config.tensor_parallel_size} (tensor_parallel_size)"
             )
-        session_id = kv.session_id
         if session_id in self._live_sessions:
             raise ValueError(f"session {session_id!r} has a turn running on this engine")
-        on_host = kv.shards is not None
-        self.scheduler.adopt_parked(session_id, kv.token_ids, on_host, kv.state)
+        on_host = segments is not None
+        self.scheduler.adopt_parked(session_id, token_ids, on_host, state)
         if not on_host:
             return
+        num_blocks = -(-len(token_ids) // self.config.block_size)
         try:
-            self._llm.collective_rpc(write_host_copy, args=(session_id, kv.shards, kv.num_blocks))
+            self._llm.collective_rpc(write_host_copy, args=(session_id, segments, num_blocks))
         except BaseException:
             self.scheduler.release_park(session_id)
             self.scheduler.records.pop(session_id, None)

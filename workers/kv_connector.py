@@ -92,6 +92,19 @@ class HostCopy:
 
 
 @dataclass(frozen=True)
+class HostSegment:
+    """Worker-side: blocks `first_block` on of one session's host copy, one
+    tensor `[blocks, ...]` per layer."""
+
+    first_block: int
+    layers: dict[str, torch.Tensor]
+
+    @property
+    def num_blocks(self) -> int:
+        return next(iter(self.layers.values())).shape[0] if self.layers else 0
+
+
+@dataclass(frozen=True)
 class SwapRecord:
     """Debug record of one swap (`record_digests`): digests of the engine's
     own KV bytes right before the copy-out and right after the copy-in."""
@@ -125,7 +138,7 @@ class MarsKVConnector(KVConnectorBase_V1):
         self._matches: dict[str, tuple[str, int]] = {}
         # Worker side.
         self._kv_caches: dict[str, torch.Tensor] = {}
-        self._host: dict[str, dict[str, torch.Tensor]] = {}
+        self._host: dict[str, list[HostSegment]] = {}
         self._load_errors: set[int] = set()
         self.swap_log: dict[str, list[SwapRecord]] = {}
 
@@ -249,15 +262,50 @@ class MarsKVConnector(KVConnectorBase_V1):
         }
 
     def read_host_copy(self, key: str) -> dict[str, torch.Tensor]:
-        """A swapped session's host copy, left in place (the source keeps it
-        until the migration commits)."""
+        """A swapped session's host copy as one tensor per layer, left in
+        place (the source keeps it until the migration commits)."""
         if key not in self._host:
             raise KeyError(f"no host copy of session {key!r} on this worker")
-        return self._host[key]
+        segments = self._host[key]
+        if len(segments) == 1:
+            return segments[0].layers
+        return {
+            name: torch.cat([segment.layers[name] for segment in segments])
+            for name in segments[0].layers
+        }
 
-    def write_host_copy(self, key: str, layers: dict[str, torch.Tensor], num_blocks: int) -> None:
+    def write_host_copy(self, key: str, segments: list[HostSegment], num_blocks: int) -> None:
         """Hold another engine's blocks of session `key` as this worker's
-        host copy, after checking that they fit this engine's KV layout."""
+        host copy, after checking that they fit this engine's KV layout and
+        follow one another from block 0. Segments are kept as they came (a
+        moved request's stages): joining them would copy the whole context
+        on the move's critical path."""
+        expected = 0
+        for segment in segments:
+            if segment.first_block != expected:
+                raise ValueError(
+                    f"the session's KV skips from block {expected} to {segment.first_block}"
+                )
+            self.check_layout(segment.layers, segment.num_blocks)
+            expected += segment.num_blocks
+        if expected != num_blocks:
+            raise ValueError(f"the session's KV has {expected} blocks, expected {num_blocks}")
+        self._host[key] = [
+            HostSegment(segment.first_block, {n: t.to("cpu") for n, t in segment.layers.items()})
+            for segment in segments
+        ]
+
+    def write_blocks(self, block_ids: list[int], layers: dict[str, torch.Tensor]) -> None:
+        """Write another engine's blocks into device blocks `block_ids`
+        (held for them by the scheduler), after checking their layout."""
+        self.check_layout(layers, len(block_ids))
+        index = torch.tensor(block_ids, dtype=torch.long)
+        for name, kv in self._kv_caches.items():
+            kv.index_copy_(0, index.to(kv.device), layers[name].to(kv.device))
+
+    def check_layout(self, layers: dict[str, torch.Tensor], num_blocks: int) -> None:
+        """ValueError naming what differs unless `layers` are `num_blocks`
+        blocks of this engine's every layer, in its dtype and shape."""
         if set(layers) != set(self._kv_caches):
             raise ValueError(
                 f"the session's KV has layers {sorted(layers)}, this engine "
@@ -271,7 +319,6 @@ class MarsKVConnector(KVConnectorBase_V1):
                     f"{tuple(blocks.shape)}; this engine needs {kv.dtype} "
                     f"{(num_blocks, *kv.shape[1:])}"
                 )
-        self._host[key] = {name: blocks.to("cpu") for name, blocks in layers.items()}
 
     def time_block_copy(self, num_blocks: int, repeats: int = 5) -> float:
         """Seconds to copy `num_blocks` blocks of every layer to host and back,
@@ -292,7 +339,7 @@ class MarsKVConnector(KVConnectorBase_V1):
             name: kv.index_select(0, index.to(kv.device)).to("cpu", copy=True)
             for name, kv in self._kv_caches.items()
         }
-        self._host[copy.key] = saved
+        self._host[copy.key] = [HostSegment(0, saved)]
         if self._record_digests:
             record = SwapRecord(
                 key=copy.key,
@@ -316,11 +363,18 @@ class MarsKVConnector(KVConnectorBase_V1):
             )
             self._load_errors.update(copy.block_ids)
             return
-        index = torch.tensor(copy.block_ids, dtype=torch.long)
-        end = copy.first_block + len(copy.block_ids)
-        for name, kv in self._kv_caches.items():
-            source = saved[name][copy.first_block : end]
-            kv.index_copy_(0, index.to(kv.device), source.to(kv.device))
+        ids = torch.tensor(copy.block_ids, dtype=torch.long)
+        start, end = copy.first_block, copy.first_block + len(copy.block_ids)
+        for segment in saved:
+            low = max(start, segment.first_block)
+            high = min(end, segment.first_block + segment.num_blocks)
+            if low >= high:
+                continue
+            index = ids[low - start : high - start]
+            rows = slice(low - segment.first_block, high - segment.first_block)
+            for name, kv in self._kv_caches.items():
+                source = segment.layers[name][rows]
+                kv.index_copy_(0, index.to(kv.device), source.to(kv.device))
         if self._record_digests:
             log = self.swap_log[copy.key]
             log[-1] = replace(log[-1], in_digest=self._digest(copy.block_ids))

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from workers.kv_connector import HostSegment
+
 
 @dataclass(frozen=True)
 class ParkedState:
@@ -87,13 +89,13 @@ class RunningKv:
         return sum(t.numel() * t.element_size() for shard in self.shards for t in shard.values())
 
 
-def session_kv_from_stages(
-    key: str, stages: list[RunningKv], block_size: int, state: ParkedState
-) -> SessionKv:
+def stage_segments(stages: list[RunningKv]) -> list[list[HostSegment]] | None:
     """The KV of a request moved in `stages` (in order, each starting where
-    the previous ended, the last read once it stopped), as one `SessionKv`
-    under `key`: what the destination imports before continuing it."""
-    import torch
+    the previous ended, the last read once it stopped), per worker rank as
+    host-copy segments, one per stage that carried KV: not joined, since
+    that would copy the whole context while the request is stopped. None
+    when no stage carried any. ValueError when a stage is missing."""
+    from workers.kv_connector import HostSegment
 
     copied = [stage for stage in stages if stage.shards is not None]
     expected = 0
@@ -104,22 +106,12 @@ def session_kv_from_stages(
                 f"expected {expected}: a stage is missing"
             )
         expected += stage.num_blocks
-    last = stages[-1]
-    ranks = len(copied[0].shards) if copied else 0
-    shards = [
-        {
-            name: torch.cat([stage.shards[rank][name] for stage in copied])
-            for name in copied[0].shards[rank]
-        }
-        for rank in range(ranks)
+    if not copied:
+        return None
+    return [
+        [HostSegment(stage.first_block, stage.shards[rank]) for stage in copied]
+        for rank in range(len(copied[0].shards))
     ]
-    return SessionKv(
-        session_id=key,
-        token_ids=last.token_ids[: last.computed_tokens],
-        block_size=block_size,
-        shards=shards or None,
-        state=state,
-    )
 
 
 def read_device_blocks(worker: object, block_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -133,11 +125,19 @@ def read_host_copy(worker: object, key: str) -> dict[str, torch.Tensor]:
 
 
 def write_host_copy(
-    worker: object, key: str, shards: list[dict[str, torch.Tensor]], num_blocks: int
+    worker: object, key: str, shards: list[list[HostSegment]], num_blocks: int
 ) -> None:
     """On a worker (`collective_rpc`, which hands it vLLM's worker wrapper):
-    hold its rank's shard as the host copy."""
+    hold its rank's shard, in segments, as the host copy."""
     _connector().write_host_copy(key, shards[worker.rpc_rank], num_blocks)
+
+
+def write_device_blocks(
+    worker: object, block_ids: list[int], shards: list[dict[str, torch.Tensor]]
+) -> None:
+    """On a worker (`collective_rpc`): write its rank's shard of a stage
+    into the device blocks the scheduler holds for it."""
+    _connector().write_blocks(block_ids, shards[worker.rpc_rank])
 
 
 def _connector():

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -57,6 +57,9 @@ from workers.kv_transport import ParkedState
 from workers.lifecycle import Phase, RequestRecord
 from workers.settings import SchedulerSettings, settings_from_additional_config
 from workers.turns import KvReuse, SessionAction, TurnTags
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 logger = init_logger(__name__)
 
@@ -160,6 +163,9 @@ class MarsScheduler(Scheduler):
         self.records: dict[str, RequestRecord] = {}
         """MARS bookkeeping by session id (or request id outside sessions)."""
         self.parks: dict[str, Park] = {}
+        self.incoming: dict[str, list[KVCacheBlock]] = {}
+        """Device blocks holding the KV of requests moving here, by move key,
+        from their stages' arrival to the move's commit (`hold_incoming`)."""
         self._tags: dict[str, TurnTags] = {}
         self._forget_when_done: set[str] = set()
         self.iteration = 0
@@ -659,6 +665,42 @@ class MarsScheduler(Scheduler):
         record.touch()
         self.waiting.changed = True
         self.release_park(key)
+
+    # ------------------------------------------------- requests moving here
+    def hold_incoming(self, key: str, count: int) -> list[int] | None:
+        """Take `count` free blocks for the next stage of the request moving
+        here under `key`, if a block per running request stays free besides
+        (their next tokens come first); None when not. The caller writes
+        them, then `cache_incoming`."""
+        if self.free_blocks() - count < len(self.running) + 1:
+            return None
+        blocks = vllm_hooks.take_free_blocks(self.kv_cache_manager, count)
+        self.incoming.setdefault(key, []).extend(blocks)
+        return [block.block_id for block in blocks]
+
+    def cache_incoming(
+        self, key: str, token_ids: Sequence[int], block_hasher: Callable, written_before: int
+    ) -> None:
+        """Enter the blocks held for `key` from block `written_before` on,
+        now written with the KV of `token_ids`' first tokens, in the prefix
+        cache: the request's continuation here finds them as its own."""
+        blocks = self.incoming[key]
+        vllm_hooks.cache_written_blocks(
+            self.kv_cache_manager,
+            block_hasher,
+            list(token_ids[: len(blocks) * self.block_size]),
+            blocks,
+            written_before,
+            self.block_size,
+        )
+
+    def release_incoming(self, key: str) -> int:
+        """Drop the holds on the blocks of `key` (the move committed, or
+        failed): those in the prefix cache stay there until reused, the
+        last ones evicted first. Returns how many were held."""
+        blocks = self.incoming.pop(key, [])
+        vllm_hooks.give_back_blocks(self.kv_cache_manager, list(reversed(blocks)))
+        return len(blocks)
 
     # ---------------------------------------------------------- inspection
     def free_blocks(self) -> int:

@@ -10,11 +10,14 @@ test on a real engine (`tests/engine/test_vllm_hooks.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_utils import BlockHash, KVCacheBlock
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.request import Request
 
 
@@ -66,3 +69,61 @@ def prefill_reuse(request: Request) -> tuple[int, int] | None:
 
 def num_free_blocks(manager: KVCacheManager) -> int:
     return manager.block_pool.get_num_free_blocks()
+
+
+def take_free_blocks(manager: KVCacheManager, count: int) -> list[KVCacheBlock]:
+    """Take `count` blocks from the free queue for a caller that writes them
+    itself (a moving request's KV, before the request exists here); each is
+    held once, evicting any prefix-cache entry it had. ValueError when
+    fewer are free."""
+    return manager.block_pool.get_new_blocks(count)
+
+
+def cache_written_blocks(
+    manager: KVCacheManager,
+    block_hasher: Callable[[Request], list[BlockHash]],
+    token_ids: list[int],
+    blocks: list[KVCacheBlock],
+    already_cached: int,
+    block_size: int,
+) -> None:
+    """Enter `blocks[already_cached:]`, full and holding the KV of
+    `token_ids` (block `i` the tokens `i * block_size` on), into the prefix
+    cache under the hashes vLLM gives those tokens, so that a request with
+    that prefix hits them as it would hit its own. The hashes are the
+    engine core's (`request_block_hasher`), computed on a request that is
+    never scheduled."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request as VllmRequest
+
+    probe = VllmRequest(
+        "mars-written-blocks",
+        token_ids,
+        SamplingParams(max_tokens=1),
+        None,
+        block_hasher=block_hasher,
+    )
+    manager.block_pool.cache_full_blocks(
+        probe,
+        blocks,
+        num_cached_blocks=already_cached,
+        num_full_blocks=len(blocks),
+        block_size=block_size,
+        kv_cache_group_id=0,
+    )
+
+
+def give_back_blocks(manager: KVCacheManager, blocks: list[KVCacheBlock]) -> None:
+    """Drop the holds of `take_free_blocks`: cached blocks join the free
+    queue's tail (the prefix cache keeps them until they are reused), the
+    others its head."""
+    manager.block_pool.free_blocks(blocks)
+
+
+def request_block_hasher(engine_core: EngineCore) -> Callable[[Request], list[BlockHash]]:
+    """The block hasher the engine core gives every request (prefix caching
+    or a KV connector on: always, in mars-serve)."""
+    hasher = engine_core.request_block_hasher
+    if hasher is None:
+        raise RuntimeError("the engine core hashes no blocks: prefix caching and connector off")
+    return hasher

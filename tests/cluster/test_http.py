@@ -249,18 +249,22 @@ def test_a_streaming_turn_moves_live_and_its_client_reads_every_token_once(
     assert migration["live"] and migration["outcome"] == "committed", migration
     assert migration["source"] == source and migration["stages"] >= 1
     assert migration["kv_tokens"] > 0 and migration["stopped_s"] > 0
+    # The stages before the stop went into the destination's device blocks.
+    written = migration["written_ahead_tokens"]
+    assert 0 < written < migration["kv_tokens"], migration
     text, mars, usage = _stream_text([*head, *chunks])
     assert text == twin_text  # every token once, in order, as if it had not moved
     assert usage.completion_tokens == 400 and usage.prompt_tokens == twin_usage.prompt_tokens
     (move,) = mars["moves"]
     assert (move["from"], move["to"]) == (source, destination)
     assert 0 < move["after_tokens"] < 400 and move["downtime_ms"] > 0
-    # The continuation loaded the KV that came (what the destination's prefix
-    # cache did not already hold: the twin's prompt shares its first block),
-    # and recomputed none of it.
+    # The continuation found the stages written ahead in its prefix cache (and
+    # whatever the twin, which computed the same tokens, left there), loaded
+    # at most the rest of the KV that came, and recomputed none of it.
     kv = mars["kv"]
     assert mars["instance_id"] == destination and kv["resumed_from"] == "swap", mars
-    assert kv["loaded_tokens"] > 0 and kv["recomputed_tokens"] == 0, mars
+    assert kv["loaded_tokens"] <= migration["kv_tokens"] - written, (mars, migration)
+    assert kv["recomputed_tokens"] == 0, mars
     assert kv["cached_tokens"] >= migration["kv_tokens"], (mars, migration)
     record = _get(f"{server}/v1/sessions/live-mover")[1]
     assert record["instance_id"] == destination and record["state"] == "paused"

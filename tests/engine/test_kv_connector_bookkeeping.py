@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.kv_connector import MarsKVConnector
+from workers.kv_connector import MarsConnectorMetadata, MarsKVConnector
 
 BLOCK = 32
 
@@ -44,7 +44,7 @@ def test_a_new_swap_out_survives_the_drop_of_the_old_copy_in_the_same_step(conne
     connector.request_swap_out("s", [2, 3], tokens)  # the new park, in the same step
     _step(connector)
     assert connector.holds("s") and "s" in connector._host
-    assert torch.equal(connector._host["s"]["layer"], connector._kv_caches["layer"][2:4])
+    assert torch.equal(connector.read_host_copy("s")["layer"], connector._kv_caches["layer"][2:4])
 
 
 def test_a_swap_cancelled_in_its_own_step_leaves_nothing_on_either_side(connector) -> None:
@@ -52,3 +52,26 @@ def test_a_swap_cancelled_in_its_own_step_leaves_nothing_on_either_side(connecto
     connector.drop("s")
     _step(connector)
     assert not connector.holds("s") and "s" not in connector._host
+
+
+def test_a_host_copy_in_segments_loads_the_blocks_past_the_cached_prefix(connector) -> None:
+    """A moved request's stages stay separate host segments (joining them
+    would copy the whole context while it is stopped); a load that starts
+    past the prefix the device already holds reads across their border."""
+    from workers.kv_connector import BlockCopy, HostSegment
+
+    stages = [
+        HostSegment(0, {"layer": torch.full((2, BLOCK), 1.0)}),
+        HostSegment(2, {"layer": torch.full((3, BLOCK), 2.0)}),
+    ]
+    with pytest.raises(ValueError, match="skips from block 2 to 3"):
+        connector.write_host_copy("m", [stages[0], HostSegment(3, stages[1].layers)], 5)
+    with pytest.raises(ValueError, match="has 5 blocks, expected 6"):
+        connector.write_host_copy("m", stages, 6)
+    connector.write_host_copy("m", stages, 5)
+    joined = connector.read_host_copy("m")["layer"][:, 0]
+    assert torch.equal(joined, torch.tensor([1, 1, 2, 2, 2.0]))
+    connector._connector_metadata = MarsConnectorMetadata(copy_in=[BlockCopy("m", (6, 7, 0), 1)])
+    connector.start_load_kv(None)
+    loaded = connector._kv_caches["layer"][[6, 7, 0], 0]
+    assert torch.equal(loaded, torch.tensor([1.0, 2.0, 2.0])) and "m" not in connector._host

@@ -20,6 +20,7 @@ from tests.engine.helpers import (
     step_until,
     turn,
 )
+from workers import vllm_hooks
 from workers.hints import SegmentHints
 from workers.kv_transport import SessionKv
 from workers.turns import SessionAction, TurnEnd
@@ -164,8 +165,10 @@ def _strategy(engine, session_id: str) -> str | None:
 def test_a_running_request_moves_in_stages_and_goes_on_with_the_same_tokens(tiny_model_dir):
     """Llumnix's live migration on two real engines: the finished blocks are
     copied while the request decodes, the rest once it stops; the second
-    engine loads them all and continues it, token for token as if it had
-    never moved (temperature 0)."""
+    engine writes the early stage into device blocks as it comes (the
+    continuation finds them in its prefix cache), loads the rest from host
+    and continues the request, token for token as if it had never moved
+    (temperature 0). No block stays held afterwards."""
     from workers.kv_transport import ParkedState
 
     total = 48
@@ -184,15 +187,66 @@ def test_a_running_request_moves_in_stages_and_goes_on_with_the_same_tokens(tiny
     generated = list(last.token_ids[PROMPT_TOKENS:])
     assert last.computed_tokens == PROMPT_TOKENS + len(generated) - 1
     with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as destination:
+        free = destination.scheduler.free_blocks()
         with pytest.raises(ValueError, match="a stage is missing"):
             destination.commit_incoming("k", last, ParkedState(None, None, 0.0, 1, 0, 1))
         destination.stage_in("moving", early)
+        assert destination.scheduler.free_blocks() == free - early.num_blocks
         remaining = total - len(generated)
-        destination.commit_incoming("moving", last, ParkedState(None, None, 0.0, remaining, 0, 1))
+        committed = destination.commit_incoming(
+            "moving", last, ParkedState(None, None, 0.0, remaining, 0, 1)
+        )
+        assert committed["written_tokens"] == early.num_blocks * 32
+        assert destination.scheduler.free_blocks() == free  # released into the prefix cache
         continued = turn(
             "r2", list(last.token_ids), "moving", max_tokens=remaining, action=SessionAction.END
         )
         end = run_turns(destination, continued)["r2"]
+        assert destination.scheduler.free_blocks() == free and not destination.scheduler.incoming
+    written = early.num_blocks * 32
+    assert end.kv.cached_tokens == last.computed_tokens and end.kv.recomputed_tokens == 0
+    assert end.kv.loaded_tokens == last.computed_tokens - written
+    assert (*generated, *end.output_token_ids) == expected
+
+
+def test_a_stage_without_room_on_the_device_stays_on_host_and_is_loaded_from_there(
+    tiny_model_dir,
+):
+    """A destination whose device blocks are taken holds the stages on host
+    only; the continuation loads all of its KV, with the same tokens. A
+    move dropped before its commit releases what it held."""
+    from workers.kv_transport import ParkedState
+
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as source:
+        source.add_turn(turn("r", prompt(PROMPT_TOKENS, seed=5), max_tokens=40))
+        step_until(source, lambda: _generated(source, "r") >= 8)
+        early = source.running_kv("r", 0, stop=False)
+        last = source.running_kv("r", early.num_blocks, stop=True)
+        expected = run_turns(source, turn("ref", prompt(PROMPT_TOKENS, seed=5), max_tokens=40))
+    expected = expected["ref"].output_token_ids
+    generated = list(last.token_ids[PROMPT_TOKENS:])
+    remaining = 40 - len(generated)
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as destination:
+        free = destination.scheduler.free_blocks()
+        taken = vllm_hooks.take_free_blocks(
+            destination.scheduler.kv_cache_manager, free - early.num_blocks
+        )
+        destination.stage_in("moving", early)
+        assert "moving" not in destination.scheduler.incoming  # no room: on host only
+        vllm_hooks.give_back_blocks(destination.scheduler.kv_cache_manager, taken)
+        committed = destination.commit_incoming(
+            "moving", last, ParkedState(None, None, 0.0, remaining, 0, 1)
+        )
+        assert committed["written_tokens"] == 0
+        continued = turn(
+            "r2", list(last.token_ids), "moving", max_tokens=remaining, action=SessionAction.END
+        )
+        end = run_turns(destination, continued)["r2"]
+        assert destination.scheduler.free_blocks() == free
+        destination.stage_in("dropped", early)
+        assert destination.scheduler.free_blocks() == free - early.num_blocks
+        destination.drop_incoming("dropped")
+        assert destination.scheduler.free_blocks() == free and not destination.scheduler.incoming
     assert end.kv.loaded_tokens == last.computed_tokens and end.kv.recomputed_tokens == 0
     assert (*generated, *end.output_token_ids) == expected
 

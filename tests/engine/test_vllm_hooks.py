@@ -49,3 +49,27 @@ def test_prefill_reuse_is_vllms_own_count_of_the_tokens_not_computed(tiny_model_
         reuse = engine.record(request.request_id).reuse
         assert (reuse.cached_tokens, reuse.loaded_tokens) == (96, 0)
         engine.run_until_idle(timeout_s=60)
+
+
+def test_blocks_taken_written_and_cached_are_hit_by_a_request_with_that_prefix(tiny_model_dir):
+    """A moving request's stages go into blocks the scheduler takes itself
+    and enters in the prefix cache under vLLM's own hashes. Run alone, this
+    is also the engine's first request after start-up with a few tokens
+    over a cached prefix (`workers.profiling.warm_up`)."""
+    with mars_engine(tiny_model_dir) as engine:
+        manager = engine.scheduler.kv_cache_manager
+        free = vllm_hooks.num_free_blocks(manager)
+        context = prompt(100, seed=8)
+        blocks = vllm_hooks.take_free_blocks(manager, 3)
+        assert vllm_hooks.num_free_blocks(manager) == free - 3
+        hasher = vllm_hooks.request_block_hasher(engine._core)
+        vllm_hooks.cache_written_blocks(manager, hasher, context[:96], blocks, 0, 32)
+        engine.add_turn(turn("probe", context))
+        (probe,) = list(engine.scheduler.waiting)
+        assert vllm_hooks.cached_prefix(manager, probe) == (96, 0)  # held: none in the free queue
+        vllm_hooks.give_back_blocks(manager, blocks)
+        assert vllm_hooks.cached_prefix(manager, probe) == (96, 3)
+        assert vllm_hooks.num_free_blocks(manager) == free
+        engine.step()
+        assert engine.record(probe.request_id).reuse.cached_tokens == 96
+        engine.run_until_idle(timeout_s=60)
