@@ -10,9 +10,11 @@ alternate, so that every heavy one lands on the same instance. With
 `migration: {policy: relocate_paused}` the global scheduler moves sessions
 paused on a tool call off the instance under pressure
 (`policies.migration.RelocatePaused`); their next turns run where the room
-is. Everything else is `bench.http_bench`'s: the workload, the
-client (streamed text completions with tool hints, the API call slept by
-the client), the rows' latency figures.
+is. With `--policy balance_running` it moves running turns live instead
+(`policies.migration.BalanceRunning`, Llumnix's load balancing).
+Everything else is `bench.http_bench`'s: the workload, the client
+(streamed text completions with tool hints, the API call slept by the
+client), the rows' latency figures.
 
     python -m bench.migration_load --serve-config configs/serve/local-cpu.yaml \
         --seeds 0 1 2 --max-requests 24 --load 1 --kv-blocks 24 \
@@ -61,6 +63,7 @@ from bench.workload import arrivals
 from cluster.config import ServingConfig, load_serving_config
 from cluster.ports import free_port
 from cluster.serve_env import serve_env
+from policies import migration_policy_names
 
 PLACEMENT = BenchConfig("round_robin", "mars")
 """Round robin places first turns; later turns follow their KV."""
@@ -85,7 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--policy-params",
         default="{}",
-        help="relocate_paused's parameters as JSON (default: its defaults)",
+        help="the policy's parameters as JSON (default: its defaults)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=migration_policy_names(),
+        default="relocate_paused",
+        help="the migration policy of the 'on' runs",
     )
     p.add_argument("--interval-s", type=float, default=0.5, help="seconds between rounds")
     p.add_argument(
@@ -142,13 +151,13 @@ def skewed(workload: Workload) -> Workload:
 
 
 def with_migration(
-    config: ServingConfig, mode: str, params: dict[str, Any], interval_s: float
+    config: ServingConfig, mode: str, policy: str, params: dict[str, Any], interval_s: float
 ) -> ServingConfig:
-    """`config` with the migration policy on (`mode` "on") or off."""
+    """`config` with the migration `policy` on (`mode` "on") or off."""
     data = config.model_dump()
     if mode == "on":
         data["migration"] = {
-            "policy": "relocate_paused",
+            "policy": policy,
             "params": params,
             "interval_s": interval_s,
         }
@@ -244,6 +253,7 @@ async def run_once(
             "migration": mode,
             "seed": seed,
             "instances": 2,
+            "policy": args.policy if mode == "on" else None,
             "policy_params": args.policy_params if mode == "on" else None,
             "replay_s": replay_s,
             "order": args.order,
@@ -343,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in args.modes:
                     started = time.monotonic()
                     live = with_migration(
-                        config, "on" if mode == "on" else "off", args.policy_params, args.interval_s
+                        config,
+                        "on" if mode == "on" else "off",
+                        args.policy,
+                        args.policy_params,
+                        args.interval_s,
                     )
                     row = await run_once(live, workload, mode, seed, args)
                     row["run_wall_s"] = time.monotonic() - started

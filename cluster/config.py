@@ -199,8 +199,9 @@ class MigrationSettings(BaseModel):
 
     policy: str | None = Field(
         None,
-        description="migration policy that moves paused sessions between instances "
-        "(relocate_paused); None: sessions move only when an operator moves or drains them",
+        description="migration policy that moves sessions between instances "
+        "(relocate_paused: paused ones; balance_running: running turns, live); "
+        "None: sessions move only when an operator moves or drains them",
     )
     params: dict[str, Any] = Field(default_factory=dict)
     interval_s: float = Field(

@@ -339,12 +339,12 @@ class EngineInstance:
         paused, live, running = await engine.call(lambda e: e.held_sessions())
         return {"paused": paused, "live": live, "running": running}
 
-    async def paused_sessions(self) -> list[HeldSession]:
-        """The sessions paused here, as a migration policy weighs them
-        (`MarsEngine.held_sessions`)."""
+    async def held_sessions(self) -> dict[str, list[HeldSession]]:
+        """The sessions paused here and those whose turn runs here, as a
+        migration policy weighs them (`MarsEngine.held_sessions`)."""
         engine = await self._ready()
-        paused, _, _ = await engine.call(lambda e: e.held_sessions())
-        return paused
+        paused, live, _ = await engine.call(lambda e: e.held_sessions())
+        return {"paused": paused, "live": live}
 
     async def undrain(self) -> None:
         """Take new sessions again."""

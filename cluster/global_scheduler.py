@@ -16,8 +16,9 @@ replicas every new session is placed here, so their decisions stay coherent.
 
 With a migration policy in the serving config (`migration.policy`), a
 second background task runs the policy every `migration.interval_s` over
-the same loads and moves the paused sessions it picks
-(`cluster.migration.relocation_round`), committing each move in the state
+the same loads and makes the moves it picks (paused sessions with their
+KV, running turns live)
+(`cluster.relocation.relocation_round`), committing each move in the state
 store (Redis) as the ingress's moves do.
 """
 
@@ -29,8 +30,9 @@ from typing import Any
 
 from cluster.logs import serve_logger
 from cluster.metrics import MigrationMetrics
-from cluster.migration import RELOCATION, MigrationOutcome, relocation_round
+from cluster.migration import MigrationOutcome
 from cluster.placement import LoadView, Placer
+from cluster.relocation import RELOCATION, relocation_round
 from cluster.serve_env import freeze_startup_heap
 from cluster.state_store import StateStore, make_state_store
 from policies import InstanceLoad, MigrationPolicy, make_migration_policy

@@ -26,28 +26,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.logs import serve_logger
 from cluster.session_lifecycle import SessionConflict, SessionEvent, SessionState
 from cluster.state_store import SessionRecord, StateStore, UnknownSession
-from policies import InstanceLoad, MigrationPolicy
 
 logger = serve_logger(__name__)
 
 MIGRATION_STEP_TIMEOUT_S = 60.0
 """The longest one remote step of a move (export and import together, a
 release) may take: a session's KV is at most `max_model_len` tokens."""
-
-
-MOVED_MEMORY_S = 600.0
-"""How long the global scheduler remembers when its policy moved a session
-(`relocation_round`): longer than any sensible `settle_s`."""
-
-RELOCATION = "relocation"
-"""The reason of the moves the global scheduler's migration policy makes."""
 
 
 class MigrationOutcome(str, enum.Enum):
@@ -167,63 +158,6 @@ async def migrate_paused_session(
         return done(MigrationOutcome.ABORTED_CONFLICT, str(exc))
     release(engines[source], session_id, f"migrated to {destination}")
     return done(MigrationOutcome.COMMITTED, **imported)
-
-
-async def relocation_round(
-    policy: MigrationPolicy,
-    loads: Sequence[InstanceLoad],
-    store: StateStore,
-    engines: Mapping[str, Any],
-    *,
-    moved_at: dict[str, float] | None = None,
-    timeout_s: float = MIGRATION_STEP_TIMEOUT_S,
-) -> list[Migration]:
-    """One round of a migration policy over `loads` (the latest of every
-    instance): the sessions each healthy instance holds paused, the moves
-    `policy` plans for them, each carried out in turn. A session whose
-    record is no longer paused on the planned source (its turn started, it
-    moved or ended since) is left as it is. An instance that does not say
-    what it holds is left out of this round. `moved_at` (session id to
-    `time.monotonic()` of its last committed move by the policy) is read
-    for each session's `moved_s_ago` and updated by the round's moves."""
-    moved_at = {} if moved_at is None else moved_at
-    now = time.monotonic()
-    healthy = [load.instance_id for load in loads if load.healthy]
-    answers = await asyncio.gather(
-        *(asyncio.wait_for(engines[i].paused_sessions.remote(), timeout_s) for i in healthy),
-        return_exceptions=True,
-    )
-    paused = {}
-    for instance_id, answer in zip(healthy, answers, strict=True):
-        if isinstance(answer, BaseException):
-            logger.warning(
-                "relocation: instance %s did not list its sessions: %r", instance_id, answer
-            )
-        else:
-            paused[instance_id] = [
-                replace(held, moved_s_ago=now - moved_at[held.session_id])
-                if held.session_id in moved_at
-                else held
-                for held in answer
-            ]
-    migrations = []
-    for move in policy.plan(loads, paused):
-        try:
-            record = await asyncio.to_thread(store.get_session, move.session_id)
-        except UnknownSession:
-            continue
-        if record.instance_id != move.source or record.state is not SessionState.PAUSED:
-            continue
-        migration = await migrate_paused_session(
-            record, move.destination, store, engines, reason=RELOCATION, timeout_s=timeout_s
-        )
-        if migration.outcome is MigrationOutcome.COMMITTED:
-            moved_at[move.session_id] = time.monotonic()
-        migrations.append(migration)
-    for session_id, at in list(moved_at.items()):  # forget the ones long settled
-        if now - at > MOVED_MEMORY_S:
-            del moved_at[session_id]
-    return migrations
 
 
 def _refusal(record: SessionRecord, destination: str, engines: Mapping[str, Any]) -> str:

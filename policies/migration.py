@@ -15,7 +15,9 @@ them on the one that looked freest before the first move.
 config's `migration` section) is Llumnix's load balancing applied to the
 sessions that wait on a tool call: a move costs them no decode time, and
 it takes their KV, and their next turn, from an instance under pressure
-to one with room.
+to one with room. `BalanceRunning` is Llumnix's own: it moves running
+turns, live, from the instance with the least room per running request to
+the one with the most.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class HeldSession:
     `paused_released_blocks`)."""
     moved_s_ago: float | None = None
     """Seconds since a migration policy last moved it (None: never)."""
+    movable: bool = True
+    """False for a running turn whose sampler state cannot travel
+    (`workers.turns.live_move_refusal`): it moves only once paused."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.session_id, str) or not self.session_id:
@@ -97,11 +102,13 @@ def drain_plan(
 
 @dataclass(frozen=True)
 class Move:
-    """One paused session to move (`MigrationPolicy.plan`)."""
+    """One session to move (`MigrationPolicy.plan`): paused, or with its
+    running turn moved `live`."""
 
     session_id: str
     source: str
     destination: str
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,10 +120,14 @@ class MigrationPolicy(ABC):
 
     @abstractmethod
     def plan(
-        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[HeldSession]]
+        self,
+        loads: Sequence[InstanceLoad],
+        paused: Mapping[str, Sequence[HeldSession]],
+        running: Mapping[str, Sequence[HeldSession]] | None = None,
     ) -> list[Move]:
         """The moves of this round, in order. `loads` is the latest load of
-        every instance; `paused` the sessions each instance holds paused.
+        every instance; `paused` the sessions each instance holds paused,
+        `running` those whose turn runs there (None: not asked for).
         Pure: the inputs are not changed."""
 
     @classmethod
@@ -183,24 +194,15 @@ class RelocatePaused(MigrationPolicy):
     settle_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for field in ("source_below", "min_gap", "min_return_s", "settle_s"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{field} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{field} must be finite, got {value!r}")
-        if self.min_gap < 0:
-            raise ValueError(f"min_gap must be >= 0, got {self.min_gap!r}")
-        for field in ("min_return_s", "settle_s"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)!r}")
-        if isinstance(self.max_moves, bool) or not isinstance(self.max_moves, int):
-            raise ValueError(f"max_moves must be an int >= 1, got {self.max_moves!r}")
-        if self.max_moves < 1:
-            raise ValueError(f"max_moves must be an int >= 1, got {self.max_moves!r}")
+        _check_params(
+            self, numbers=("source_below",), at_least_0=("min_gap", "min_return_s", "settle_s")
+        )
 
     def plan(
-        self, loads: Sequence[InstanceLoad], paused: Mapping[str, Sequence[HeldSession]]
+        self,
+        loads: Sequence[InstanceLoad],
+        paused: Mapping[str, Sequence[HeldSession]],
+        running: Mapping[str, Sequence[HeldSession]] | None = None,
     ) -> list[Move]:
         current = {load.instance_id: load for load in loads if load.healthy}
         moves: list[Move] = []
@@ -238,6 +240,101 @@ class RelocatePaused(MigrationPolicy):
                 moves.append(Move(session.session_id, source, best.instance_id))
                 current[source], current[best.instance_id] = shed, taken
         return moves
+
+
+@register_migration_policy
+@dataclass(frozen=True)
+class BalanceRunning(MigrationPolicy):
+    """Move running turns, live, off an instance short of room (Llumnix's
+    load balancing).
+
+    An instance sheds when its `committed_freeness` is below `source_below`
+    and another healthy, accepting instance's is at least `min_gap` above
+    it once the move is charged to both (the turn's blocks and its place in
+    the batch leave one and join the other). The smallest turns go first
+    (Llumnix's shortest-running order: the cheapest copy, the shortest
+    stop), at most `max_moves` a round (Llumnix moves one request per
+    instance at a time). A session this policy moved less than `settle_s`
+    ago stays, and so does a turn that cannot move live (`movable`).
+    Paused sessions are not moved: `RelocatePaused` does that.
+    """
+
+    name: ClassVar[str] = "balance_running"
+    source_below: float = 0.0
+    min_gap: float = 4.0
+    max_moves: int = 1
+    settle_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_params(self, numbers=("source_below",), at_least_0=("min_gap", "settle_s"))
+
+    def plan(
+        self,
+        loads: Sequence[InstanceLoad],
+        paused: Mapping[str, Sequence[HeldSession]],
+        running: Mapping[str, Sequence[HeldSession]] | None = None,
+    ) -> list[Move]:
+        current = {load.instance_id: load for load in loads if load.healthy}
+        running = running or {}
+        moves: list[Move] = []
+        for source in sorted(current, key=lambda i: (committed_freeness(current[i]), i)):
+            movable = sorted(
+                (
+                    s
+                    for s in running.get(source, ())
+                    if s.movable and (s.moved_s_ago is None or s.moved_s_ago >= self.settle_s)
+                ),
+                key=lambda s: (s.kv_blocks, s.session_id),
+            )
+            for session in movable:
+                if len(moves) == self.max_moves:
+                    return moves
+                if committed_freeness(current[source]) >= self.source_below:
+                    break
+                targets = [
+                    load
+                    for load in current.values()
+                    if load.instance_id != source and load.accepting
+                ]
+                if not targets:
+                    return moves
+                best = max(targets, key=lambda load: (committed_freeness(load), load.instance_id))
+                shed = _charge_running(current[source], session, -1)
+                taken = _charge_running(best, session, +1)
+                if committed_freeness(taken) - committed_freeness(shed) < self.min_gap:
+                    continue  # too large to go there; a smaller one might not be
+                moves.append(Move(session.session_id, source, best.instance_id, live=True))
+                current[source], current[best.instance_id] = shed, taken
+        return moves
+
+
+def _charge_running(load: InstanceLoad, session: HeldSession, sign: int) -> InstanceLoad:
+    """`load` once the running turn of `session` left it (`sign` -1) or
+    joined it (+1): its blocks and its place in the batch."""
+    return replace(
+        load,
+        free_blocks=max(0, load.free_blocks - sign * session.kv_blocks),
+        running=max(0, load.running + sign),
+    )
+
+
+def _check_params(
+    policy: MigrationPolicy, *, numbers: Sequence[str], at_least_0: Sequence[str]
+) -> None:
+    """ValueError naming the parameter unless each of `numbers` and
+    `at_least_0` is a finite number (the latter >= 0) and `max_moves` an
+    int >= 1."""
+    for field in (*numbers, *at_least_0):
+        value = getattr(policy, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{field} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{field} must be finite, got {value!r}")
+        if field in at_least_0 and value < 0:
+            raise ValueError(f"{field} must be >= 0, got {value!r}")
+    moves = policy.max_moves
+    if isinstance(moves, bool) or not isinstance(moves, int) or moves < 1:
+        raise ValueError(f"max_moves must be an int >= 1, got {moves!r}")
 
 
 def _without(load: InstanceLoad, session: HeldSession) -> InstanceLoad:

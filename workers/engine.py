@@ -306,9 +306,13 @@ class MarsEngine:
         (sessionless ones included)."""
         size = self.config.block_size
         live = [
-            HeldSession(session_id, -(-self.scheduler.requests[engine_id].num_tokens // size))
+            HeldSession(
+                session_id,
+                -(-self.scheduler.requests[turn.engine_request_id].num_tokens // size),
+                movable=not live_move_refusal(turn.turn),
+            )
             for session_id, request_id in self._live_sessions.items()
-            if (engine_id := self._live[request_id].engine_request_id) in self.scheduler.requests
+            if (turn := self._live[request_id]).engine_request_id in self.scheduler.requests
         ]
         return self.scheduler.paused_sessions(time.monotonic()), live, len(self._live)
 

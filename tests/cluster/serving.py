@@ -4,11 +4,13 @@ tests: started from a serving YAML, called over HTTP."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -41,3 +43,15 @@ def call(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """Poll `check` until it returns something true, and return that; fail
+    naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.1)  # a poll's interval: the loop waits on the condition

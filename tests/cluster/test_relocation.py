@@ -4,13 +4,12 @@ a paused session off the instance that holds too much."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from cluster.ports import free_port
-from tests.cluster.serving import call, serve_app
+from tests.cluster.serving import call, serve_app, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -63,16 +62,6 @@ def _turn(server: str, session: str, messages: list[dict]) -> dict:
     return body
 
 
-def _wait_until(what: str, check, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.1)  # a poll's interval: the loop waits on the condition
-
-
 def _ready(server: str) -> dict:
     return call("GET", f"{server}/ready")[1]
 
@@ -81,7 +70,7 @@ def test_a_paused_session_moves_off_the_instance_that_holds_too_much(server: str
     # Both sessions on one instance: the other takes nothing new while it drains.
     status, _ = call("POST", f"{server}/v1/instances/default-1/drain", {})
     assert status == 200
-    _wait_until("default-1 draining", lambda: _ready(server)["draining"] == ["default-1"])
+    wait_until("default-1 draining", lambda: _ready(server)["draining"] == ["default-1"])
     words = " ".join(f"item{i}" for i in range(15))
     histories, firsts = {}, {}
     for session in ("crowded-0", "crowded-1"):
@@ -98,7 +87,7 @@ def test_a_paused_session_moves_off_the_instance_that_holds_too_much(server: str
     def placed() -> dict[str, str]:
         return {s: call("GET", f"{server}/v1/sessions/{s}")[1]["instance_id"] for s in firsts}
 
-    where = _wait_until(
+    where = wait_until(
         "a session moved to default-1", lambda: (w := placed()) and "default-1" in w.values() and w
     )
     (moved,) = [s for s, instance in where.items() if instance == "default-1"]

@@ -55,11 +55,14 @@ def test_the_policy_is_set_only_when_on() -> None:
     base = ServingConfig.model_validate(
         {"model": {"path": "m", "recipe": "r.yaml"}, "state_store": {"url": "redis://x"}}
     )
-    on = with_migration(base, "on", {"min_gap": 2}, 0.5)
+    on = with_migration(base, "on", "relocate_paused", {"min_gap": 2}, 0.5)
     assert on.migration.policy == "relocate_paused" and on.migration.params == {"min_gap": 2}
-    assert with_migration(base, "off", {"min_gap": 2}, 0.5).migration.policy is None
+    off = with_migration(base, "off", "relocate_paused", {"min_gap": 2}, 0.5)
+    assert off.migration.policy is None
+    live = with_migration(base, "on", "balance_running", {"max_moves": 2}, 0.5)
+    assert live.migration.policy == "balance_running"
     with pytest.raises(ValueError, match="min_gap"):
-        with_migration(base, "on", {"min_gap": -1}, 0.5)
+        with_migration(base, "on", "relocate_paused", {"min_gap": -1}, 0.5)
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,7 @@ def test_moves_are_charged_so_that_one_round_spreads_them() -> None:
 
 
 def test_relocation_parameters_are_checked_by_name() -> None:
-    assert migration_policy_names() == ("relocate_paused",)
+    assert migration_policy_names() == ("balance_running", "relocate_paused")
     for params, field in [
         ({"max_moves": 0}, "max_moves"),
         ({"min_gap": -1}, "min_gap"),
@@ -150,3 +150,55 @@ def test_a_session_just_moved_stays_put_until_it_settles() -> None:
         _relocate(settle_s=-1)
     with pytest.raises(ValueError, match="moved_s_ago"):
         HeldSession("s", 1, moved_s_ago=float("inf"))
+
+
+def _balance(**params):
+    return make_migration_policy("balance_running", **params)
+
+
+def test_running_turns_move_live_off_the_instance_short_of_room_smallest_first() -> None:
+    # a: 4 free blocks for 4 running turns (freeness 1), b: 60 free for 1 (60)
+    loads = [_load("a", 4, running=4), _load("b", 60, running=1)]
+    running = {
+        "a": [HeldSession("big", 30), HeldSession("small", 5), HeldSession("mid", 12)],
+        "b": [HeldSession("there", 3)],
+    }
+    paused = {"a": [HeldSession("paused", 1, returns_in_s=30.0)]}
+    # Below source_below 10: small goes (a: 9 free for 3 = 3; b: 55 for 2 = 27.5),
+    # then mid (a: 21 for 2 = 10.5; b: 43 for 3 = 14.3, 3.8 ahead), and a is
+    # no longer below 10.
+    moves = _balance(source_below=10, min_gap=2, max_moves=4).plan(loads, paused, running)
+    assert moves == [Move("small", "a", "b", live=True), Move("mid", "a", "b", live=True)]
+    # With the default gap of 4, mid would leave b too close behind a; big too.
+    assert _balance(source_below=10, max_moves=4).plan(loads, paused, running) == moves[:1]
+    assert _balance(source_below=10, min_gap=2).plan(loads, paused, running) == moves[:1]
+    assert _balance().plan(loads, paused, running) == []  # freeness 1 is not below 0
+    assert _balance(source_below=10).plan(loads, paused) == []  # running turns not asked for
+
+
+def test_a_running_turn_moves_only_where_the_gap_stays() -> None:
+    # a: 2 free for 2 running (1), b: 10 free for 1 (10)
+    loads = [_load("a", 2, running=2), _load("b", 10, running=1)]
+    running = {"a": [HeldSession("s", 6)]}
+    # after: a 8 free for 1 (8), b 4 for 2 (2): b would be the fuller one
+    assert _balance(source_below=5).plan(loads, {}, running) == []
+    roomy = [loads[0], _load("b", 40, running=1)]  # b: 34 for 2 = 17, 9 ahead of a's 8
+    assert _balance(source_below=5, min_gap=9).plan(roomy, {}, running) == [
+        Move("s", "a", "b", live=True)
+    ]
+    assert _balance(source_below=5, min_gap=10).plan(roomy, {}, running) == []
+    assert (
+        _balance(source_below=5, settle_s=5).plan(
+            roomy, {}, {"a": [HeldSession("s", 6, moved_s_ago=1.0)]}
+        )
+        == []
+    )
+    stuck = {"a": [HeldSession("s", 6, movable=False)]}  # stop strings, say
+    assert _balance(source_below=5).plan(roomy, {}, stuck) == []
+    draining = [loads[0], _load("b", 40, running=1, accepting=False)]
+    assert _balance(source_below=5).plan(draining, {}, running) == []
+    for params, field in [({"max_moves": 0}, "max_moves"), ({"settle_s": -1}, "settle_s")]:
+        with pytest.raises(ValueError, match=field):
+            _balance(**params)
+    with pytest.raises(ValueError, match="min_return_s"):
+        _balance(min_return_s=1)  # a relocate_paused parameter
