@@ -191,6 +191,16 @@ def _turn(request_id: str, prompt: list[int], max_tokens: int, session_id: str |
     return TurnRequest(request_id, prompt, sampling, session_id, action, SegmentHints())
 
 
+class FinishedBeforeMove(Exception):
+    """The request finished on the source while its stages were copied
+    (Llumnix's ABORTED_SRC): nothing to measure; the move is tried again."""
+
+
+ATTEMPTS = 3
+"""Tries per move: on a 2-core machine the source can finish the request
+while the first stage is on its way (seen once on the tiny model)."""
+
+
 async def move_once(
     source: Any, destination: Any, method: str, prompt: list[int], tag: str, stages_max: int
 ) -> dict[str, Any]:
@@ -205,9 +215,15 @@ async def move_once(
     if method == "migrate":
         # Each stage goes on to the destination while the request decodes.
         while len(stages) < stages_max:
-            stage = await source.call.remote(
-                lambda e, b=first_block: e.running_kv(request_id, b, stop=False)
-            )
+            try:
+                stage = await source.call.remote(
+                    lambda e, b=first_block: e.running_kv(request_id, b, stop=False)
+                )
+            except Exception as exc:
+                if "is not running" not in str(exc):
+                    raise
+                await destination.call.remote(lambda e: e.drop_incoming(tag))
+                raise FinishedBeforeMove(tag) from exc
             await destination.call.remote(lambda e, s=stage: e.stage_in(tag, s))
             stages.append(stage)
             first_block = stage.first_block + stage.num_blocks
@@ -223,7 +239,7 @@ async def move_once(
     generated = list(last.token_ids[len(prompt) :])
     remaining = TOTAL_TOKENS - len(generated)
     if remaining < 1:
-        raise RuntimeError(f"{tag}: the request finished on the source before the move")
+        raise FinishedBeforeMove(tag)
     continuation = f"{tag}-dst"
     written = 0
     if copy:
@@ -275,19 +291,30 @@ async def measure_context(
     try:
         for repeat in range(args.repeats):
             for method in METHODS:
-                # A prompt of its own for each move: the destination's prefix
-                # cache keeps what an earlier continuation computed or loaded.
-                prompt = [rng.randrange(10, 400) for _ in range(context - GENERATED_BEFORE_MOVE)]
-                tag = f"{method}-{context}-{repeat}"
-                reference = f"ref-{tag}"
-                await source.start.remote(_turn(reference, prompt, TOTAL_TOKENS))
-                expected = [t for _, t in await source.wait.remote(reference, None)]
-                row = await move_once(source, destination, method, prompt, tag, args.stages)
+                for attempt in range(1, ATTEMPTS + 1):
+                    # A prompt of its own for each move: the destination's
+                    # prefix cache keeps what an earlier continuation computed,
+                    # loaded or was written.
+                    prompt = [
+                        rng.randrange(10, 400) for _ in range(context - GENERATED_BEFORE_MOVE)
+                    ]
+                    tag = f"{method}-{context}-{repeat}-{attempt}"
+                    reference = f"ref-{tag}"
+                    await source.start.remote(_turn(reference, prompt, TOTAL_TOKENS))
+                    expected = [t for _, t in await source.wait.remote(reference, None)]
+                    try:
+                        row = await move_once(source, destination, method, prompt, tag, args.stages)
+                        break
+                    except FinishedBeforeMove:
+                        print(f"[downtime] {tag}: finished before the move", file=sys.stderr)
+                        if attempt == ATTEMPTS:
+                            raise
                 tokens = row.pop("tokens")
                 row.update(
                     context_tokens=context,
                     method=method,
                     repeat=repeat,
+                    attempts=attempt,
                     identical=tokens == expected,
                 )
                 rows.append(row)

@@ -256,6 +256,10 @@ class BalanceRunning(MigrationPolicy):
     stop), at most `max_moves` a round (Llumnix moves one request per
     instance at a time). A session this policy moved less than `settle_s`
     ago stays, and so does a turn that cannot move live (`movable`).
+    The waiting queue's demand counts against the source's freeness, so an
+    instance whose queue does not fit sheds running turns to make room for
+    it: Llumnix's de-fragmentation, which counts the queue head's demand as
+    virtual usage.
     Paused sessions are not moved: `RelocatePaused` does that.
     """
 

@@ -94,3 +94,32 @@ def test_engines_on_two_nodes_serve_sessions_and_a_session_moves_across(server: 
     assert second["mars"]["instance_id"] == destination
     assert second["mars"]["kv"]["loaded_tokens"] == moved["kv_tokens"], second["mars"]
     assert second["mars"]["kv"]["recomputed_tokens"] == 0
+
+    # A running turn moves live across the nodes, its stream going on.
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    y_source = first["y"]["mars"]["instance_id"]
+    (y_destination,) = {"a-0", "b-0"} - {y_source}
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=[*prompts["y"], *first["y"]["choices"][0]["token_ids"], 8, 9],
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+        extra_headers={"X-Session-Id": "y"},
+    )
+    chunks = iter(stream)
+    head = [next(chunks) for _ in range(3)]
+    live = _call(f"{server}/v1/sessions/y/migrate", {"instance_id": y_destination})["migration"]
+    assert live["live"] and live["outcome"] == "committed" and live["kv_bytes"] > 0, live
+    mars, usage = None, None
+    for chunk in [*head, *chunks]:
+        mars = (chunk.model_extra or {}).get("mars") or mars
+        usage = chunk.usage or usage
+    assert usage.completion_tokens == 400
+    (move,) = mars["moves"]
+    assert (move["from"], move["to"]) == (y_source, y_destination), mars
+    assert _call(f"{server}/v1/sessions/y")["instance_id"] == y_destination

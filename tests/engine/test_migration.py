@@ -251,5 +251,30 @@ def test_a_stage_without_room_on_the_device_stays_on_host_and_is_loaded_from_the
     assert (*generated, *end.output_token_ids) == expected
 
 
+def test_a_request_that_finishes_mid_move_stays_where_it_ran_and_the_stages_go(
+    tiny_model_dir,
+):
+    """Llumnix's ABORTED_SRC on two real engines: a stage goes over while the
+    request decodes, then the request finishes at its source before the
+    next; the next stage is refused there, and the destination drops what
+    it held: its free blocks are what they were."""
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as source:
+        source.add_turn(turn("r", prompt(PROMPT_TOKENS, seed=6), "s", max_tokens=24))
+        step_until(source, lambda: _generated(source, "r") >= 4)
+        early = source.running_kv("r", 0, stop=False)
+        end = run_turns(source)["r"]  # it goes on to its end
+        assert len(end.output_token_ids) == 24
+        with pytest.raises(ValueError, match="not running"):
+            source.running_kv("r", early.num_blocks, stop=False)
+        assert _strategy(source, "s") == "preserve"  # paused where it ran
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP) as destination:
+        free = destination.scheduler.free_blocks()
+        destination.stage_in("moving", early)
+        assert destination.scheduler.free_blocks() == free - early.num_blocks
+        destination.drop_incoming("moving")
+        assert destination.scheduler.free_blocks() == free
+        assert "s" not in destination.scheduler.records
+
+
 def _generated(engine, request_id: str) -> int:
     return len(engine._live[request_id].token_ids) if request_id in engine._live else 0
