@@ -253,7 +253,7 @@ async def run_once(
             "migration": mode,
             "seed": seed,
             "instances": 2,
-            "policy": args.policy if mode == "on" else None,
+            "migration_policy": args.policy if mode == "on" else None,
             "policy_params": args.policy_params if mode == "on" else None,
             "replay_s": replay_s,
             "order": args.order,

@@ -16,11 +16,15 @@ from tests.cluster.serving import call, serve_app, wait_until
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 MODEL = "tiny"
-TOKENS = 700
-"""Each turn's length: long enough to be running when the policy looks."""
-SOURCE_BELOW = 40
+TOKENS = 1800
+"""Each turn's length: a few seconds on the tiny model, so that the global
+scheduler's loads (refreshed about once a second) show the other instance
+taking sessions again while both turns still run."""
+SOURCE_BELOW = 80
 """Free blocks per running turn under which an instance sheds one: two
-turns on 64 blocks are under from their start, one is not."""
+turns on 128 blocks are under from their start (at most 64 each). The one
+left behind is under too once it is long, but moving it would leave the
+other instance the fuller one."""
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def server(tiny_model_dir: Path, redis_url: str, tmp_path_factory):
     config.write_text(
         f"""
 model: {{path: {tiny_model_dir}, name: {MODEL}}}
-engine: {{num_kv_blocks: 64, max_model_len: 1024, max_num_seqs: 8}}
+engine: {{num_kv_blocks: 128, max_model_len: 2048, max_num_seqs: 8}}
 instances: 2
 dispatch: {{policy: mars_aware}}
 migration:
