@@ -140,11 +140,14 @@ async def move_running_turn(
     engines: Mapping[str, Any],
     *,
     reason: str,
+    expected_source: str | None = None,
     timeout_s: float = MIGRATION_STEP_TIMEOUT_S,
 ) -> Migration:
     """Move the running turn of the session of `record` (GENERATING) to
     `destination`; see the module docstring. `engines` are the instances'
-    deployment handles."""
+    deployment handles. With `expected_source`, a turn that runs anywhere
+    else now is left where it is (refused): a policy planned the move on
+    loads of a moment ago."""
     started = time.monotonic()
     session_id = record.session_id
     source = await _running_on(session_id, engines, timeout_s) or record.instance_id
@@ -172,6 +175,8 @@ async def move_running_turn(
         return done(f"instance_id {destination!r} is not an instance of this application")
     if source not in engines:
         return done(f"session {session_id!r} has no turn running on any instance now")
+    if expected_source is not None and source != expected_source:
+        return done(f"session {session_id!r} now runs on {source}, not {expected_source}")
     if destination == source:
         return done(f"session {session_id!r} is already on {destination}")
     src, dst = engines[source], engines[destination]

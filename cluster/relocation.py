@@ -90,7 +90,12 @@ async def relocation_round(
             if record.state is not SessionState.GENERATING:
                 continue
             migration = await move_running_turn(
-                record, move.destination, engines, reason=RELOCATION, timeout_s=timeout_s
+                record,
+                move.destination,
+                engines,
+                reason=RELOCATION,
+                expected_source=move.source,
+                timeout_s=timeout_s,
             )
         else:
             if record.instance_id != move.source or record.state is not SessionState.PAUSED:

@@ -53,6 +53,9 @@ class HeldSession:
     movable: bool = True
     """False for a running turn whose sampler state cannot travel
     (`workers.turns.live_move_refusal`): it moves only once paused."""
+    queued: bool = False
+    """A turn waiting for its first schedule (or preempted): it holds no
+    blocks yet; its demand is in the instance's `waiting_demand_blocks`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.session_id, str) or not self.session_id:
@@ -278,48 +281,54 @@ class BalanceRunning(MigrationPolicy):
         paused: Mapping[str, Sequence[HeldSession]],
         running: Mapping[str, Sequence[HeldSession]] | None = None,
     ) -> list[Move]:
-        current = {load.instance_id: load for load in loads if load.healthy}
+        healthy = [load for load in loads if load.healthy]
+        # Each instance's blocks left over its commitments, and its batch:
+        # committed freeness is `per_running(room, batch)`, moves charged here.
+        room = {
+            load.instance_id: load.free_blocks
+            - load.waiting_demand_blocks
+            - load.paused_released_blocks
+            for load in healthy
+        }
+        batch = {load.instance_id: load.running for load in healthy}
+        accepting = {load.instance_id for load in healthy if load.accepting}
+
+        def freeness(instance_id: str) -> float:
+            return per_running(room[instance_id], batch[instance_id])
+
         running = running or {}
         moves: list[Move] = []
-        for source in sorted(current, key=lambda i: (committed_freeness(current[i]), i)):
+        for source in sorted(room, key=lambda i: (freeness(i), i)):
             movable = sorted(
                 (
                     s
                     for s in running.get(source, ())
-                    if s.movable and (s.moved_s_ago is None or s.moved_s_ago >= self.settle_s)
+                    if s.movable
+                    and not s.queued
+                    and (s.moved_s_ago is None or s.moved_s_ago >= self.settle_s)
                 ),
                 key=lambda s: (s.kv_blocks, s.session_id),
             )
             for session in movable:
                 if len(moves) == self.max_moves:
                     return moves
-                if committed_freeness(current[source]) >= self.source_below:
+                if freeness(source) >= self.source_below:
                     break
-                targets = [
-                    load
-                    for load in current.values()
-                    if load.instance_id != source and load.accepting
-                ]
+                targets = sorted(accepting - {source})
                 if not targets:
                     return moves
-                best = max(targets, key=lambda load: (committed_freeness(load), load.instance_id))
-                shed = _charge_running(current[source], session, -1)
-                taken = _charge_running(best, session, +1)
-                if committed_freeness(taken) - committed_freeness(shed) < self.min_gap:
-                    continue  # too large to go there; a smaller one might not be
-                moves.append(Move(session.session_id, source, best.instance_id, live=True))
-                current[source], current[best.instance_id] = shed, taken
+                best = max(targets, key=lambda i: (freeness(i), i))
+                blocks = session.kv_blocks
+                shed = per_running(room[source] + blocks, max(0, batch[source] - 1))
+                taken = per_running(room[best] - blocks, batch[best] + 1)
+                if taken - shed < self.min_gap:
+                    break  # the smallest turn left is too large; larger ones more so
+                moves.append(Move(session.session_id, source, best, live=True))
+                room[source] += blocks
+                room[best] -= blocks
+                batch[source] = max(0, batch[source] - 1)
+                batch[best] += 1
         return moves
-
-
-def _charge_running(load: InstanceLoad, session: HeldSession, sign: int) -> InstanceLoad:
-    """`load` once the running turn of `session` left it (`sign` -1) or
-    joined it (+1): its blocks and its place in the batch."""
-    return replace(
-        load,
-        free_blocks=max(0, load.free_blocks - sign * session.kv_blocks),
-        running=max(0, load.running + sign),
-    )
 
 
 def _check_params(

@@ -302,17 +302,22 @@ class MarsEngine:
     def held_sessions(self) -> tuple[list[HeldSession], list[HeldSession], int]:
         """What a migration policy or a drain may move off this engine: each
         paused session (`MarsScheduler.paused_sessions`), each session with
-        a turn running (its context's blocks), and how many turns run now
-        (sessionless ones included)."""
+        a turn here (its context's blocks; `queued` until vLLM runs it), and
+        how many turns run now (sessionless ones included)."""
+        from vllm.v1.request import RequestStatus
+
         size = self.config.block_size
+        requests = self.scheduler.requests
         live = [
             HeldSession(
                 session_id,
-                -(-self.scheduler.requests[turn.engine_request_id].num_tokens // size),
+                -(-request.num_tokens // size),
                 movable=not live_move_refusal(turn.turn),
+                queued=request.status is not RequestStatus.RUNNING,
             )
             for session_id, request_id in self._live_sessions.items()
-            if (turn := self._live[request_id]).engine_request_id in self.scheduler.requests
+            if (request := requests.get((turn := self._live[request_id]).engine_request_id))
+            is not None
         ]
         return self.scheduler.paused_sessions(time.monotonic()), live, len(self._live)
 

@@ -375,8 +375,8 @@ class MarsKVConnector(KVConnectorBase_V1):
             for name, kv in self._kv_caches.items():
                 source = segment.layers[name][rows]
                 kv.index_copy_(0, index.to(kv.device), source.to(kv.device))
-        if self._record_digests:
-            log = self.swap_log[copy.key]
+        log = self.swap_log.get(copy.key) if self._record_digests else None
+        if log:  # none for a copy another engine made (a moved session)
             log[-1] = replace(log[-1], in_digest=self._digest(copy.block_ids))
 
     def _digest(self, block_ids: tuple[int, ...]) -> str:

@@ -671,7 +671,11 @@ class MarsScheduler(Scheduler):
         """Take `count` free blocks for the next stage of the request moving
         here under `key`, if a block per running request stays free besides
         (their next tokens come first); None when not. The caller writes
-        them, then `cache_incoming`."""
+        them, then `cache_incoming`. None as well without prefix caching:
+        nothing could find the blocks, and vLLM would not clear the hashes
+        they were given when they are reused."""
+        if not self.kv_cache_manager.enable_caching:
+            return None
         if self.free_blocks() - count < len(self.running) + 1:
             return None
         blocks = vllm_hooks.take_free_blocks(self.kv_cache_manager, count)

@@ -247,6 +247,13 @@ def test_a_stage_without_room_on_the_device_stays_on_host_and_is_loaded_from_the
         assert destination.scheduler.free_blocks() == free - early.num_blocks
         destination.drop_incoming("dropped")
         assert destination.scheduler.free_blocks() == free and not destination.scheduler.incoming
+    # Without prefix caching nothing could find written blocks: on host only.
+    with mars_engine(tiny_model_dir, cost=PRESERVE_IS_CHEAP, prefix_caching=False) as uncached:
+        uncached.stage_in("moving", early)
+        assert not uncached.scheduler.incoming
+        uncached.commit_incoming("moving", last, ParkedState(None, None, 0.0, remaining, 0, 1))
+        again = run_turns(uncached, continued)["r2"]
+    assert again.output_token_ids == end.output_token_ids
     assert end.kv.loaded_tokens == last.computed_tokens and end.kv.recomputed_tokens == 0
     assert (*generated, *end.output_token_ids) == expected
 

@@ -202,3 +202,19 @@ def test_a_running_turn_moves_only_where_the_gap_stays() -> None:
             _balance(**params)
     with pytest.raises(ValueError, match="min_return_s"):
         _balance(min_return_s=1)  # a relocate_paused parameter
+
+
+def test_a_queued_turn_is_not_moved_live_and_its_demand_counts_once() -> None:
+    """A turn vLLM has not scheduled holds no blocks: charging its blocks
+    back to its instance would count more free blocks than there are (a
+    load that cannot exist, which once made a whole round fail)."""
+    # a: 24 blocks, 10 free, one turn running, a 19-block turn queued
+    loads = [
+        _load("a", 10, total_blocks=24, running=1, waiting=1, waiting_demand_blocks=19),
+        _load("b", 24, total_blocks=24),
+    ]
+    running = {"a": [HeldSession("queued", 19, queued=True), HeldSession("runs", 5)]}
+    # a: (10 - 19) * 1 = -9 below 0; runs goes (a: 15 - 19 = -4 for 0 running,
+    # b: 19 for 1): queued stays, vLLM admits it on a once there is room.
+    assert _balance(min_gap=0).plan(loads, {}, running) == [Move("runs", "a", "b", live=True)]
+    assert _balance(min_gap=0).plan(loads, {}, {"a": running["a"][:1]}) == []
