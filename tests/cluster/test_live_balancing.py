@@ -70,7 +70,7 @@ def test_a_running_turn_moves_live_off_the_busy_instance(server: str) -> None:
         "default-1 draining", lambda: call("GET", f"{server}/ready")[1]["draining"] == ["default-1"]
     )
     streams = {}
-    for session in ("busy-0", "busy-1"):
+    for session in ("balanced-0", "balanced-1"):  # ids of their own: one Redis for all tests
         stream = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": f"{session}: a long story, please"}],
