@@ -66,8 +66,9 @@ def test_a_running_turn_moves_live_off_the_busy_instance(server: str) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     # Both turns on default-0: default-1 takes nothing new while it drains.
     assert call("POST", f"{server}/v1/instances/default-1/drain", {})[0] == 200
-    wait_until(
-        "default-1 draining", lambda: call("GET", f"{server}/ready")[1]["draining"] == ["default-1"]
+    wait_until(  # /ready answers 503 until the global scheduler has seen the engines
+        "default-1 draining",
+        lambda: call("GET", f"{server}/ready")[1].get("draining") == ["default-1"],
     )
     streams = {}
     for session in ("balanced-0", "balanced-1"):  # ids of their own: one Redis for all tests
