@@ -55,3 +55,15 @@ def wait_until(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> 
             return value
         assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.1)  # a poll's interval: the loop waits on the condition
+
+
+def read_stream(chunks) -> tuple[str, dict | None, object]:
+    """A streamed chat answer's text, its `mars` chunk and its usage (the
+    `openai` client's chunks)."""
+    text, mars, usage = "", None, None
+    for chunk in chunks:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        mars = (chunk.model_extra or {}).get("mars") or mars
+        usage = chunk.usage or usage
+    return text, mars, usage

@@ -14,7 +14,7 @@ import pytest
 
 from cluster.ports import free_port
 from cluster.turn import TURN_PHASES
-from tests.cluster.serving import serve_app
+from tests.cluster.serving import read_stream, serve_app
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -208,17 +208,6 @@ def test_a_paused_session_moves_to_the_other_instance_and_resumes_there_with_its
     assert _get(f"{server}/v1/sessions/mover")[1]["instance_id"] == destination
 
 
-def _stream_text(chunks) -> tuple[str, dict | None, object]:
-    """The streamed answer's text, its `mars` chunk and its usage."""
-    text, mars, usage = "", None, None
-    for chunk in chunks:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        mars = (chunk.model_extra or {}).get("mars") or mars
-        usage = chunk.usage or usage
-    return text, mars, usage
-
-
 LONG = {
     "max_tokens": 400,
     "stream": True,
@@ -238,7 +227,7 @@ def test_a_streaming_turn_moves_live_and_its_client_reads_every_token_once(
     history += [{"role": "user", "content": "go on, at length"}]
     # The unmoved twin first: its answer is what the moved one must read.
     _ask(client, "live-twin", history[:1], max_tokens=4)
-    twin_text, twin_mars, twin_usage = _stream_text(_ask(client, "live-twin", history, **LONG))
+    twin_text, twin_mars, twin_usage = read_stream(_ask(client, "live-twin", history, **LONG))
     assert "moves" not in twin_mars and twin_usage.completion_tokens == 400
 
     chunks = iter(_ask(client, "live-mover", history, **LONG))
@@ -252,7 +241,7 @@ def test_a_streaming_turn_moves_live_and_its_client_reads_every_token_once(
     # The stages before the stop went into the destination's device blocks.
     written = migration["written_ahead_tokens"]
     assert 0 < written < migration["kv_tokens"], migration
-    text, mars, usage = _stream_text([*head, *chunks])
+    text, mars, usage = read_stream([*head, *chunks])
     assert text == twin_text  # every token once, in order, as if it had not moved
     assert usage.completion_tokens == 400 and usage.prompt_tokens == twin_usage.prompt_tokens
     (move,) = mars["moves"]
@@ -289,7 +278,7 @@ def test_two_moves_of_one_turn_at_once_make_one_move(server: str, client) -> Non
     assert conflict == 409, answers
     why = refused["error"]["message"]
     assert re.search("already moving|already on|no turn running", why), refused
-    _, mars, usage = _stream_text([head, *chunks])
+    _, mars, usage = read_stream([head, *chunks])
     assert usage.completion_tokens == 400 and len(mars["moves"]) == 1, mars
 
 
@@ -307,7 +296,7 @@ def test_a_drain_moves_a_streaming_turn_live(server: str, client) -> None:
         assert status == 200, drain
         (live,) = [m for m in drain["migrations"] if m["session_id"] == "live-drained"]
         assert live["live"] and live["outcome"] == "committed" and live["destination"] == other
-        _, mars, usage = _stream_text([head, *chunks])
+        _, mars, usage = read_stream([head, *chunks])
         assert usage.completion_tokens == 400 and mars["instance_id"] == other, mars
         assert mars["moves"][0]["from"] == source
     finally:
@@ -327,7 +316,7 @@ def test_a_turn_whose_sampler_state_cannot_travel_is_not_moved(server: str, clie
         )
     assert status == 409, body
     assert "cannot move live: its stop strings" in body["error"]["message"], body
-    _, mars, usage = _stream_text([head, *chunks])
+    _, mars, usage = read_stream([head, *chunks])
     assert "moves" not in mars and usage.completion_tokens == 400
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.ports import free_port
-from tests.cluster.serving import call, serve_app, wait_until
+from tests.cluster.serving import call, read_stream, serve_app, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -49,17 +49,6 @@ http: {{port: {port}}}
         yield url
 
 
-def _read(chunks) -> tuple[str, dict, object]:
-    """A streamed answer's text, its `mars` chunk and its usage."""
-    text, mars, usage = "", None, None
-    for chunk in chunks:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        mars = (chunk.model_extra or {}).get("mars") or mars
-        usage = chunk.usage or usage
-    return text, mars, usage
-
-
 def test_a_running_turn_moves_live_off_the_busy_instance(server: str) -> None:
     import openai
 
@@ -88,7 +77,7 @@ def test_a_running_turn_moves_live_off_the_busy_instance(server: str) -> None:
     # (one turn left on default-0 has room enough).
     assert call("DELETE", f"{server}/v1/instances/default-1/drain")[0] == 200
     with ThreadPoolExecutor(2) as pool:
-        read = {s: pool.submit(_read, chunks) for s, chunks in streams.items()}
+        read = {s: pool.submit(read_stream, chunks) for s, chunks in streams.items()}
         results = {s: future.result() for s, future in read.items()}
 
     moved = {s: mars["moves"] for s, (_, mars, _) in results.items() if "moves" in mars}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cluster.ports import free_port
-from tests.cluster.serving import call, serve_app, wait_until
+from tests.cluster.serving import call, read_stream, serve_app, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -77,12 +77,7 @@ def test_a_destination_without_room_hands_the_turn_back_to_its_source(server: st
     message = body["error"]["message"]
     assert "host space" in message and "the source continues the turn" in message, body
 
-    text, mars, usage = "", None, None
-    for chunk in [*head, *chunks]:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        mars = (chunk.model_extra or {}).get("mars") or mars
-        usage = chunk.usage or usage
+    text, mars, usage = read_stream([*head, *chunks])
     assert usage.completion_tokens == 300 and text
     (move,) = mars["moves"]  # taken back: it went on where it was
     assert move["from"] == move["to"] == ROOMY == mars["instance_id"], mars
@@ -144,12 +139,7 @@ def test_a_destination_killed_as_the_move_starts_leaves_the_turn_at_its_source(
     status, body = call(
         "POST", f"{server}/v1/sessions/orphaned/migrate", {"instance_id": destination}
     )
-    text, mars, usage = "", None, None
-    for chunk in [*head, *chunks]:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        mars = (chunk.model_extra or {}).get("mars") or mars
-        usage = chunk.usage or usage
+    text, mars, usage = read_stream([*head, *chunks])
     # The turn went on where it was, every token once, whether the stage found
     # the dead replica (aborted_destination) or waited for its restart while
     # the turn ended (aborted_source).
